@@ -1,0 +1,1 @@
+//! muxd IPC client.

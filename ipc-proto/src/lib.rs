@@ -1,0 +1,21 @@
+//! The muxd local IPC protocol.
+//!
+//! This crate holds the messages that UI processes and the daemon exchange, as plain serde
+//! data, and the frame codec. It does no IO, knows nothing of tokio (except for the optional
+//! `codec` feature) and nothing of the upstream protocols: wire stability here is not tied to
+//! profile internals.
+//!
+//! A frame is a 4-byte big-endian length followed by that many bytes of UTF-8 JSON holding one
+//! message object. The first frame in each direction is a `hello`. See `docs/ipc.md` for the
+//! byte-level description.
+
+mod frame;
+mod message;
+
+pub use frame::{
+    DecodeError, EncodeError, FrameDecoder, MAX_FRAME_LEN, decode_frame, encode_frame,
+};
+pub use message::*;
+
+/// The protocol version this crate speaks. A daemon refuses a `hello` with another version.
+pub const PROTO_VERSION: u32 = 1;

@@ -1,0 +1,1 @@
+//! SMP client profile (sans-IO).
