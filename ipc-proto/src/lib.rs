@@ -11,11 +11,13 @@
 
 mod frame;
 mod message;
+mod path;
 
 pub use frame::{
     DecodeError, EncodeError, FrameDecoder, MAX_FRAME_LEN, decode_frame, encode_frame,
 };
 pub use message::*;
+pub use path::{SOCKET_FILE_NAME, default_socket_path};
 
 /// The protocol version this crate speaks. A daemon refuses a `hello` with another version.
 pub const PROTO_VERSION: u32 = 1;
