@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 pub const MAX_FRAME_LEN: usize = 1 << 20;
 
 /// Length of the frame header: a big-endian `u32` body length.
-const HEADER_LEN: usize = 4;
+pub(crate) const HEADER_LEN: usize = 4;
 
 /// Why a frame could not be encoded.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +92,8 @@ impl FrameDecoder {
     }
 
     /// Takes the next whole message out of the buffer, if there is one.
+    // Not an Iterator: it is generic over the message type and fallible.
+    #[allow(clippy::should_implement_trait)]
     pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, DecodeError> {
         match decode_frame(&self.buf)? {
             Some((msg, used)) => {

@@ -9,10 +9,14 @@
 //! message object. The first frame in each direction is a `hello`. See `docs/ipc.md` for the
 //! byte-level description.
 
+#[cfg(feature = "codec")]
+mod codec;
 mod frame;
 mod message;
 mod path;
 
+#[cfg(feature = "codec")]
+pub use codec::{ClientCodec, CodecError, ServerCodec};
 pub use frame::{
     DecodeError, EncodeError, FrameDecoder, MAX_FRAME_LEN, decode_frame, encode_frame,
 };

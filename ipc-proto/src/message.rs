@@ -55,6 +55,48 @@ pub enum Op {
     },
     /// Ask the daemon to shut down gracefully.
     Shutdown,
+    /// Create a receiving queue on an upstream server, owned by this app.
+    QueueCreate {
+        /// The server's address, e.g. `smp://<keyHash>@host:port`.
+        server: String,
+        /// Reach the server over WebSocket instead of plain TLS.
+        #[serde(default)]
+        websocket: bool,
+    },
+    /// This app's queues.
+    QueueList,
+    /// Delete one of this app's queues on its server and forget it.
+    QueueDelete {
+        /// The id `queue_create` returned.
+        queue_id: String,
+    },
+    /// Send a message to a queue given by its URI (from the recipient). Securing the queue on
+    /// first use and the per-queue end-to-end encryption are the daemon's job.
+    Send {
+        /// The recipient's queue URI (`smp://…/<senderId>#/?v=…&dh=…`).
+        queue_uri: String,
+        /// The message, base64 (RFC 4648 standard alphabet, padded).
+        body_b64: String,
+    },
+    /// Messages received on one of this app's queues and not yet acknowledged by the app,
+    /// oldest first.
+    Recv {
+        /// The id `queue_create` returned.
+        queue_id: String,
+        /// At most this many messages (default: all waiting).
+        #[serde(default)]
+        max: Option<u32>,
+        /// When none is waiting, wait up to this many milliseconds for one (default 0).
+        #[serde(default)]
+        wait_ms: Option<u64>,
+    },
+    /// The app has the message: the daemon may forget it.
+    Ack {
+        /// The queue the message came from.
+        queue_id: String,
+        /// The message's `msg_id` as `recv` gave it.
+        msg_id: String,
+    },
 }
 
 /// A frame sent by the daemon to a client.
@@ -111,6 +153,55 @@ pub enum Reply {
     Watching,
     /// Answer to `shutdown`: a `shutting_down` event follows, then the daemon closes.
     ShuttingDown,
+    /// Answer to `queue_create`.
+    QueueCreated(QueueInfo),
+    /// Answer to `queue_list`.
+    Queues {
+        /// This app's queues.
+        queues: Vec<QueueInfo>,
+    },
+    /// Answer to a request that has nothing to return (`queue_delete`, `ack`).
+    Done,
+    /// Answer to `send`.
+    Sent {
+        /// The daemon's id for this outbound message.
+        message_id: String,
+        /// `"sent"` (the server accepted it) or `"queued"` (it goes out when the server can
+        /// be reached).
+        state: String,
+    },
+    /// Answer to `recv`.
+    Messages {
+        /// The messages, oldest first.
+        messages: Vec<ReceivedMessage>,
+    },
+}
+
+/// A queue owned by an app.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueInfo {
+    /// The daemon's id for the queue (base64url of the server's recipient id).
+    pub queue_id: String,
+    /// The server's address.
+    pub server: String,
+    /// The URI to hand to a sender.
+    pub queue_uri: String,
+    /// Messages received and not yet acknowledged by the app.
+    #[serde(default)]
+    pub waiting: u32,
+}
+
+/// A message received on a queue, decrypted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceivedMessage {
+    /// The queue it arrived on.
+    pub queue_id: String,
+    /// The server's message id, base64url; pass it to `ack`.
+    pub msg_id: String,
+    /// The server's timestamp (Unix seconds).
+    pub ts: i64,
+    /// The message, base64 (standard alphabet, padded).
+    pub body_b64: String,
 }
 
 /// An error, with a stable machine-readable code and a human-readable message.
@@ -152,6 +243,9 @@ pub enum ErrorCode {
     NotFound,
     /// Too many clients are connected.
     Busy,
+    /// The upstream server refused the request or could not be reached; the message says
+    /// which server and why.
+    Upstream,
     /// The daemon hit an internal error; the request may be retried.
     Internal,
     /// A code this version does not know.
@@ -208,4 +302,31 @@ pub struct UpstreamStatus {
     /// Queues routed through this connection.
     #[serde(default)]
     pub queues: u32,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire (`"slow_consumer"`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MalformedFrame => "malformed_frame",
+            Self::FrameTooLarge => "frame_too_large",
+            Self::UnsupportedVersion => "unsupported_version",
+            Self::HelloRequired => "hello_required",
+            Self::SlowConsumer => "slow_consumer",
+            Self::ShuttingDown => "shutting_down",
+            Self::PermissionDenied => "permission_denied",
+            Self::InvalidArgument => "invalid_argument",
+            Self::NotFound => "not_found",
+            Self::Busy => "busy",
+            Self::Upstream => "upstream",
+            Self::Internal => "internal",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }

@@ -36,3 +36,28 @@ fn json_shapes_are_flat() {
         })
     );
 }
+
+#[test]
+fn error_code_as_str_matches_serde() {
+    for code in [
+        ErrorCode::MalformedFrame,
+        ErrorCode::FrameTooLarge,
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::HelloRequired,
+        ErrorCode::SlowConsumer,
+        ErrorCode::ShuttingDown,
+        ErrorCode::PermissionDenied,
+        ErrorCode::InvalidArgument,
+        ErrorCode::NotFound,
+        ErrorCode::Busy,
+        ErrorCode::Upstream,
+        ErrorCode::Internal,
+        ErrorCode::Unknown,
+    ] {
+        assert_eq!(
+            serde_json::to_string(&code).unwrap(),
+            format!("\"{}\"", code.as_str())
+        );
+        assert_eq!(code.to_string(), code.as_str());
+    }
+}

@@ -1,1 +1,344 @@
-//! muxd IPC client.
+//! Async client for the muxd daemon's local IPC socket.
+//!
+//! [`Client::connect`] opens the Unix socket, exchanges `hello` frames and checks the protocol
+//! version. [`Client::request`] sends one request and waits for the response or error with the
+//! same id. Events the daemon pushes in the meantime (after `watch`) are kept, in order, and
+//! returned by [`Client::next_event`].
+//!
+//! The client uses tokio's `UnixStream` directly (features `net` and `io-util` only) rather
+//! than `interprocess`, whose tokio support pulls in the runtime, timers and macros. It runs
+//! on any tokio runtime the caller provides. It sets no timeouts: wrap calls in
+//! `tokio::time::timeout` where a bound is needed.
+//!
+//! Every method is cancel-safe in the sense that matters for a request/response protocol: if
+//! a future is dropped half-way, the bytes already encoded are still sent by the next call, and
+//! the late answer to the abandoned request is discarded by id.
+
+use std::collections::VecDeque;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use futures_util::Stream;
+use muxd_ipc_proto::{
+    ClientHello, ClientMessage, DecodeError, EncodeError, ErrorCode, ErrorFrame, Event,
+    FrameDecoder, Op, PROTO_VERSION, Reply, Request, ServerHello, ServerMessage, StatusReport,
+    encode_frame,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+/// Size of each socket read. Frames larger than this are assembled over several reads.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Why a client operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// No daemon listens on the socket: the file is missing or the connection was refused
+    /// (a stale socket left by a daemon that died).
+    #[error("muxd is not running (no socket at {})", path.display())]
+    NotRunning {
+        /// The socket path that was tried.
+        path: PathBuf,
+    },
+    /// The daemon answered with an error frame.
+    #[error("daemon error {code}: {message}")]
+    Daemon {
+        /// The stable error code.
+        code: ErrorCode,
+        /// The daemon's explanation, for people.
+        message: String,
+    },
+    /// The daemon speaks another protocol version.
+    #[error("daemon speaks IPC protocol version {daemon}, this client speaks {PROTO_VERSION}")]
+    UnsupportedVersion {
+        /// The version in the daemon's hello.
+        daemon: u32,
+    },
+    /// The daemon sent something this client cannot make sense of.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// A request could not be encoded (for example it is larger than a frame may be).
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    /// Reading from or writing to the socket failed.
+    #[error("socket error: {0}")]
+    Io(#[from] io::Error),
+    /// The daemon closed the connection before answering.
+    #[error("the daemon closed the connection")]
+    Closed,
+}
+
+impl ClientError {
+    /// The daemon's error code, if the daemon sent an error frame.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Daemon { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+impl From<DecodeError> for ClientError {
+    fn from(e: DecodeError) -> Self {
+        Self::Protocol(e.to_string())
+    }
+}
+
+impl From<ErrorFrame> for ClientError {
+    fn from(e: ErrorFrame) -> Self {
+        Self::Daemon {
+            code: e.code,
+            message: e.message,
+        }
+    }
+}
+
+/// One connection to the daemon, after a successful hello exchange.
+#[derive(Debug)]
+pub struct Client {
+    stream: UnixStream,
+    decoder: FrameDecoder,
+    /// Encoded bytes not yet written; kept across calls so a dropped future cannot leave half
+    /// a frame on the wire.
+    out: Vec<u8>,
+    next_id: u64,
+    /// Events read while waiting for a response, oldest first.
+    events: VecDeque<Event>,
+    hello: ServerHello,
+    /// Set once the connection is unusable (EOF, decode error, connection-level error frame).
+    done: bool,
+}
+
+impl Client {
+    /// Connects to the daemon at `path` as application `app` and performs the hello exchange.
+    ///
+    /// Fails with [`ClientError::NotRunning`] when nothing listens at `path`, with
+    /// [`ClientError::UnsupportedVersion`] when the daemon's hello names another version, and
+    /// with [`ClientError::Daemon`] when the daemon refuses the hello.
+    pub async fn connect(path: impl AsRef<Path>, app: &str) -> Result<Self, ClientError> {
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+                    ClientError::NotRunning {
+                        path: path.to_owned(),
+                    }
+                }
+                _ => ClientError::Io(e),
+            })?;
+        Self::handshake(stream, app).await
+    }
+
+    /// Performs the hello exchange over an already connected stream.
+    pub async fn handshake(stream: UnixStream, app: &str) -> Result<Self, ClientError> {
+        let mut client = Self {
+            stream,
+            decoder: FrameDecoder::new(),
+            out: Vec::new(),
+            next_id: 1,
+            events: VecDeque::new(),
+            hello: ServerHello {
+                proto_version: 0,
+                daemon_version: String::new(),
+                pid: 0,
+            },
+            done: false,
+        };
+        let hello = ClientMessage::Hello(ClientHello {
+            proto_version: PROTO_VERSION,
+            app: app.to_owned(),
+        });
+        encode_frame(&hello, &mut client.out)?;
+        client.flush().await?;
+        match client.read_message().await? {
+            Some(ServerMessage::Hello(h)) if h.proto_version == PROTO_VERSION => {
+                client.hello = h;
+                Ok(client)
+            }
+            Some(ServerMessage::Hello(h)) => Err(ClientError::UnsupportedVersion {
+                daemon: h.proto_version,
+            }),
+            Some(ServerMessage::Error(e)) => Err(e.into()),
+            Some(other) => Err(ClientError::Protocol(format!(
+                "expected hello, got {other:?}"
+            ))),
+            None => Err(ClientError::Closed),
+        }
+    }
+
+    /// The daemon's hello: its version and pid.
+    pub fn server_hello(&self) -> &ServerHello {
+        &self.hello
+    }
+
+    /// Sends `op` and waits for its answer. Events that arrive first are queued for
+    /// [`Client::next_event`].
+    pub async fn request(&mut self, op: Op) -> Result<Reply, ClientError> {
+        self.ensure_open()?;
+        self.flush().await?;
+        let id = self.next_id;
+        self.next_id += 1;
+        encode_frame(&ClientMessage::Request(Request { id, op }), &mut self.out)?;
+        self.flush().await?;
+        loop {
+            match self.read_message().await? {
+                Some(ServerMessage::Response(r)) if r.id == id => return Ok(r.reply),
+                Some(ServerMessage::Error(e)) if e.id == Some(id) => return Err(e.into()),
+                Some(ServerMessage::Event(ev)) => self.events.push_back(ev),
+                Some(other) => self.unsolicited(other)?,
+                None => return Err(ClientError::Closed),
+            }
+        }
+    }
+
+    /// The next event the daemon pushed, or `None` once the daemon closed the connection.
+    pub async fn next_event(&mut self) -> Result<Option<Event>, ClientError> {
+        if let Some(ev) = self.events.pop_front() {
+            return Ok(Some(ev));
+        }
+        if self.done {
+            return Ok(None);
+        }
+        // A request abandoned mid-write must still be completed before reading on.
+        self.flush().await?;
+        loop {
+            match self.read_message().await? {
+                Some(ServerMessage::Event(ev)) => return Ok(Some(ev)),
+                Some(other) => self.unsolicited(other)?,
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Turns the client into a stream of events that ends when the daemon closes the
+    /// connection. An error ends the stream after it is yielded.
+    pub fn into_events(self) -> impl Stream<Item = Result<Event, ClientError>> {
+        futures_util::stream::unfold(Some(self), |client| async move {
+            let mut client = client?;
+            match client.next_event().await {
+                Ok(Some(ev)) => Some((Ok(ev), Some(client))),
+                Ok(None) => None,
+                Err(e) => Some((Err(e), None)),
+            }
+        })
+    }
+
+    /// The daemon's status.
+    pub async fn status(&mut self) -> Result<StatusReport, ClientError> {
+        match self.request(Op::Status).await? {
+            Reply::Status(s) => Ok(s),
+            other => Err(unexpected("status", &other)),
+        }
+    }
+
+    /// One IPC round trip; returns the data the daemon echoed.
+    pub async fn ping(&mut self, data: String) -> Result<String, ClientError> {
+        match self.request(Op::Ping { data }).await? {
+            Reply::Pong { data } => Ok(data),
+            other => Err(unexpected("pong", &other)),
+        }
+    }
+
+    /// Subscribes to status events; read them with [`Client::next_event`].
+    pub async fn watch(&mut self, interval_ms: Option<u64>) -> Result<(), ClientError> {
+        match self.request(Op::Watch { interval_ms }).await? {
+            Reply::Watching => Ok(()),
+            other => Err(unexpected("watching", &other)),
+        }
+    }
+
+    /// Asks the daemon to shut down. A `shutting_down` event and the end of the connection
+    /// follow.
+    pub async fn shutdown(&mut self) -> Result<(), ClientError> {
+        match self.request(Op::Shutdown).await? {
+            Reply::ShuttingDown => Ok(()),
+            other => Err(unexpected("shutting_down", &other)),
+        }
+    }
+
+    fn ensure_open(&self) -> Result<(), ClientError> {
+        if self.done {
+            Err(ClientError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Handles a frame nobody is waiting for.
+    fn unsolicited(&mut self, msg: ServerMessage) -> Result<(), ClientError> {
+        match msg {
+            // The answer to a request whose future was dropped: nobody wants it any more.
+            ServerMessage::Response(_) | ServerMessage::Error(ErrorFrame { id: Some(_), .. }) => {
+                Ok(())
+            }
+            // A connection-level error; the daemon closes the connection after it.
+            ServerMessage::Error(e) => {
+                self.done = true;
+                Err(e.into())
+            }
+            ServerMessage::Event(ev) => {
+                self.events.push_back(ev);
+                Ok(())
+            }
+            other => {
+                self.done = true;
+                Err(ClientError::Protocol(format!("unexpected {other:?}")))
+            }
+        }
+    }
+
+    /// Writes everything in `out`. Cancel-safe: written bytes are removed as they go.
+    async fn flush(&mut self) -> Result<(), ClientError> {
+        while !self.out.is_empty() {
+            let n = self.stream.write(&self.out).await?;
+            if n == 0 {
+                self.done = true;
+                return Err(ClientError::Closed);
+            }
+            self.out.drain(..n);
+        }
+        Ok(())
+    }
+
+    /// Reads the next whole frame; `None` on a clean end of stream. Cancel-safe: bytes read
+    /// are kept in the decoder.
+    async fn read_message(&mut self) -> Result<Option<ServerMessage>, ClientError> {
+        let mut chunk = [0u8; READ_CHUNK];
+        loop {
+            match self.decoder.next::<ServerMessage>() {
+                Ok(Some(m)) => return Ok(Some(m)),
+                Ok(None) => {}
+                Err(e) => {
+                    self.done = true;
+                    return Err(e.into());
+                }
+            }
+            if self.done {
+                return Ok(None);
+            }
+            let n = match self.stream.read(&mut chunk).await {
+                Ok(n) => n,
+                // The daemon may reset the connection right after its last frame (for
+                // example when it drops a slow consumer); that is an end, not an IO failure.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => 0,
+                Err(e) => return Err(e.into()),
+            };
+            if n == 0 {
+                self.done = true;
+                if self.decoder.buffered() > 0 {
+                    return Err(ClientError::Protocol(
+                        "connection closed in the middle of a frame".into(),
+                    ));
+                }
+                return Ok(None);
+            }
+            self.decoder.extend(&chunk[..n]);
+        }
+    }
+}
+
+fn unexpected(wanted: &str, got: &Reply) -> ClientError {
+    ClientError::Protocol(format!("expected a {wanted} reply, got {got:?}"))
+}

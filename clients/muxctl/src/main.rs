@@ -1,1 +1,624 @@
-fn main() {}
+//! `muxctl`: inspect and control a running muxd daemon over its IPC socket.
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use clap::{CommandFactory, Parser, Subcommand};
+use clap_complete::Shell;
+use muxd_ipc_client::{Client, ClientError};
+use muxd_ipc_proto::{Event, StatusReport, UpstreamStatus, default_socket_path};
+use serde::Serialize;
+
+/// How long to wait for the daemon's hello before giving up: a live daemon answers at once,
+/// so a long wait means something else holds the socket.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long `shutdown` waits for the daemon to close the connection after agreeing to stop.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(15);
+
+/// The application name muxctl announces in its hello.
+const APP_NAME: &str = "muxctl";
+
+/// Inspect and control the muxd daemon.
+#[derive(Debug, Parser)]
+#[command(name = "muxctl", version)]
+#[deny(missing_docs)]
+struct Cli {
+    /// Path of the daemon's IPC socket [default: $XDG_RUNTIME_DIR/muxd/muxd.sock]
+    ///
+    /// When XDG_RUNTIME_DIR is unset the default is <tmp>/muxd-<uid>/muxd.sock.
+    #[arg(long, global = true, env = "MUXD_SOCKET", value_name = "PATH")]
+    socket: Option<PathBuf>,
+
+    /// Print JSON (one object per line) instead of text
+    #[arg(long, global = true)]
+    json: bool,
+
+    /// What to do
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+#[deny(missing_docs)]
+enum Command {
+    /// Show the daemon's version, uptime, clients and upstream connections
+    Status,
+    /// Measure IPC round trips to the daemon, like ping(8)
+    Ping {
+        /// Stop after this many round trips [default: until interrupted]
+        #[arg(short = 'c', long, value_name = "N")]
+        count: Option<u64>,
+        /// Seconds to wait between round trips
+        #[arg(short = 'i', long, value_name = "SECONDS", default_value_t = 1.0)]
+        interval: f64,
+        /// Bytes of payload the daemon echoes back
+        #[arg(short = 's', long, value_name = "BYTES", default_value_t = 0)]
+        size: usize,
+    },
+    /// Print daemon events as they arrive, one per line, until the daemon shuts down
+    Watch {
+        /// Ask for a status event at least this often, in seconds [default: the daemon's]
+        #[arg(short = 'i', long, value_name = "SECONDS")]
+        interval: Option<f64>,
+    },
+    /// Ask the daemon to shut down gracefully and wait until it has closed the connection
+    Shutdown,
+    /// Print a shell completion script to standard output
+    Completions {
+        /// The shell to generate completions for
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let explicit_socket = cli.socket.clone();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`muxctl watch | head`): not an error worth reporting.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            let line = match e.downcast_ref::<ClientError>() {
+                Some(ClientError::NotRunning { path }) => format!(
+                    "muxd is not running (no socket at {}); start it with: {}",
+                    path.display(),
+                    start_hint(explicit_socket.as_deref())
+                ),
+                _ => format!("{e:#}"),
+            };
+            // One line, so scripts can show it as is.
+            let _ = writeln!(io::stderr(), "muxctl: {}", line.replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// How to start a daemon that listens where muxctl looked. `muxd run` reads `MUXD_SOCKET`
+/// too, so only a path given with `--socket` needs repeating.
+fn start_hint(socket: Option<&std::path::Path>) -> String {
+    let from_env = std::env::var_os("MUXD_SOCKET");
+    match socket {
+        Some(p) if from_env.as_deref() != Some(p.as_os_str()) => {
+            format!("muxd run --socket {}", p.display())
+        }
+        _ => "muxd run".to_owned(),
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Completions { shell } = cli.command {
+        let mut cmd = Cli::command();
+        clap_complete::generate(shell, &mut cmd, "muxctl", &mut io::stdout());
+        return Ok(());
+    }
+    let socket = cli.socket.unwrap_or_else(|| {
+        default_socket_path(
+            std::env::var_os("XDG_RUNTIME_DIR").as_deref(),
+            std::env::temp_dir(),
+            nix::unistd::geteuid().as_raw(),
+        )
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let mut client = connect(&socket).await?;
+        let mut out = Output::new(cli.json);
+        match cli.command {
+            Command::Status => status(&mut client, &mut out).await,
+            Command::Ping {
+                count,
+                interval,
+                size,
+            } => ping(&mut client, &mut out, &socket, count, interval, size).await,
+            Command::Watch { interval } => watch(client, &mut out, interval).await,
+            Command::Shutdown => shutdown(client, &mut out).await,
+            Command::Completions { .. } => Ok(()),
+        }
+    })
+}
+
+async fn connect(socket: &std::path::Path) -> anyhow::Result<Client> {
+    match tokio::time::timeout(HELLO_TIMEOUT, Client::connect(socket, APP_NAME)).await {
+        Ok(Ok(c)) => Ok(c),
+        // Kept as a ClientError so main can recognise "not running".
+        Ok(Err(e @ ClientError::NotRunning { .. })) => Err(e.into()),
+        Ok(Err(e)) => {
+            Err(anyhow::Error::new(e)
+                .context(format!("cannot talk to muxd at {}", socket.display())))
+        }
+        Err(_) => bail!(
+            "no hello from {} within {}s; is it a muxd socket?",
+            socket.display(),
+            HELLO_TIMEOUT.as_secs()
+        ),
+    }
+}
+
+async fn status(client: &mut Client, out: &mut Output) -> anyhow::Result<()> {
+    let report = client.status().await.context("status request failed")?;
+    if out.json {
+        return out.json_line(&report);
+    }
+    out.text(&render_status(&report, unix_ms_now()))
+}
+
+async fn ping(
+    client: &mut Client,
+    out: &mut Output,
+    socket: &std::path::Path,
+    count: Option<u64>,
+    interval: f64,
+    size: usize,
+) -> anyhow::Result<()> {
+    if !interval.is_finite() || interval < 0.0 {
+        bail!("invalid interval {interval}: must be a number of seconds >= 0");
+    }
+    let interval = Duration::from_secs_f64(interval);
+    let data = "x".repeat(size);
+    if !out.json {
+        let hello = client.server_hello();
+        out.text(&format!(
+            "PING muxd {} (pid {}) at {}: {size} data bytes",
+            hello.daemon_version,
+            hello.pid,
+            socket.display()
+        ))?;
+    }
+    let mut stats = RttStats::default();
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut seq = 0u64;
+    loop {
+        if count.is_some_and(|c| seq >= c) {
+            break;
+        }
+        if seq > 0 {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = &mut ctrl_c => break,
+            }
+        }
+        seq += 1;
+        let start = Instant::now();
+        let echoed = tokio::select! {
+            r = client.ping(data.clone()) => r.with_context(|| format!("ping seq={seq} failed"))?,
+            _ = &mut ctrl_c => break,
+        };
+        let rtt = start.elapsed();
+        if echoed != data {
+            bail!("ping seq={seq}: the daemon echoed different data");
+        }
+        stats.add(rtt);
+        let ms = rtt.as_secs_f64() * 1e3;
+        if out.json {
+            out.json_line(&PingLine::Reply { seq, time_ms: ms })?;
+        } else {
+            out.text(&format!("seq={seq} time={ms:.3} ms"))?;
+        }
+    }
+    let s = stats.summary();
+    if out.json {
+        out.json_line(&PingLine::Summary {
+            count: s.count,
+            min_ms: s.min_ms,
+            avg_ms: s.avg_ms,
+            max_ms: s.max_ms,
+            mdev_ms: s.mdev_ms,
+        })
+    } else {
+        out.text(&format!(
+            "\n--- muxd ping statistics ---\n{} round trips\nrtt min/avg/max/mdev = {:.3}/{:.3}/{:.3}/{:.3} ms",
+            s.count, s.min_ms, s.avg_ms, s.max_ms, s.mdev_ms
+        ))
+    }
+}
+
+async fn watch(mut client: Client, out: &mut Output, interval: Option<f64>) -> anyhow::Result<()> {
+    let interval_ms = match interval {
+        Some(s) if s.is_finite() && s > 0.0 => Some((s * 1e3).round() as u64),
+        Some(s) => bail!("invalid interval {s}: must be a positive number of seconds"),
+        None => None,
+    };
+    client
+        .watch(interval_ms)
+        .await
+        .context("watch request failed")?;
+    // Ends with Ok(None) when the daemon closes the connection (it shuts down).
+    while let Some(ev) = client.next_event().await.context("watching failed")? {
+        if out.json {
+            out.json_line(&ev)?;
+        } else {
+            out.text(&render_event(&ev))?;
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown(mut client: Client, out: &mut Output) -> anyhow::Result<()> {
+    match client.shutdown().await {
+        Ok(()) => {}
+        // The daemon may close the connection right after its `shutting_down` event without the
+        // response getting through; the event says the same thing.
+        Err(ClientError::Closed) if saw_shutting_down(&mut client).await => {}
+        Err(e) => return Err(anyhow::Error::new(e).context("shutdown request failed")),
+    }
+    // Wait for the daemon to hang up so a script can rely on it having stopped serving.
+    let closed = tokio::time::timeout(SHUTDOWN_WAIT, async {
+        while let Ok(Some(_)) = client.next_event().await {}
+    })
+    .await
+    .is_ok();
+    if out.json {
+        out.json_line(&ShutdownLine {
+            shutting_down: true,
+            closed,
+        })
+    } else if closed {
+        out.text("muxd shut down")
+    } else {
+        out.text("muxd is shutting down (still draining)")
+    }
+}
+
+/// Whether a `shutting_down` event is among the events still queued on a closed connection.
+async fn saw_shutting_down(client: &mut Client) -> bool {
+    while let Ok(Some(ev)) = client.next_event().await {
+        if matches!(ev, Event::ShuttingDown { .. }) {
+            return true;
+        }
+    }
+    false
+}
+
+/// Writes to stdout, surfacing errors (a closed pipe in particular) instead of panicking
+/// as `println!` would.
+#[derive(Debug)]
+struct Output {
+    json: bool,
+    stdout: io::Stdout,
+}
+
+impl Output {
+    fn new(json: bool) -> Self {
+        Self {
+            json,
+            stdout: io::stdout(),
+        }
+    }
+
+    fn text(&mut self, s: &str) -> anyhow::Result<()> {
+        let mut lock = self.stdout.lock();
+        writeln!(lock, "{s}")?;
+        lock.flush()?;
+        Ok(())
+    }
+
+    fn json_line<T: Serialize>(&mut self, v: &T) -> anyhow::Result<()> {
+        let s = serde_json::to_string(v).context("cannot encode JSON output")?;
+        self.text(&s)
+    }
+}
+
+/// `ping --json` output lines.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum PingLine {
+    Reply {
+        seq: u64,
+        time_ms: f64,
+    },
+    Summary {
+        count: u64,
+        min_ms: f64,
+        avg_ms: f64,
+        max_ms: f64,
+        mdev_ms: f64,
+    },
+}
+
+/// `shutdown --json` output.
+#[derive(Debug, Serialize)]
+struct ShutdownLine {
+    shutting_down: bool,
+    closed: bool,
+}
+
+/// Round-trip statistics in the manner of ping(8).
+#[derive(Debug, Default)]
+struct RttStats {
+    count: u64,
+    min: f64,
+    max: f64,
+    sum: f64,
+    sum_sq: f64,
+}
+
+/// The computed summary, in milliseconds.
+#[derive(Debug, PartialEq)]
+struct RttSummary {
+    count: u64,
+    min_ms: f64,
+    avg_ms: f64,
+    max_ms: f64,
+    mdev_ms: f64,
+}
+
+impl RttStats {
+    fn add(&mut self, rtt: Duration) {
+        let ms = rtt.as_secs_f64() * 1e3;
+        if self.count == 0 || ms < self.min {
+            self.min = ms;
+        }
+        if ms > self.max {
+            self.max = ms;
+        }
+        self.count += 1;
+        self.sum += ms;
+        self.sum_sq += ms * ms;
+    }
+
+    fn summary(&self) -> RttSummary {
+        if self.count == 0 {
+            return RttSummary {
+                count: 0,
+                min_ms: 0.0,
+                avg_ms: 0.0,
+                max_ms: 0.0,
+                mdev_ms: 0.0,
+            };
+        }
+        let n = self.count as f64;
+        let avg = self.sum / n;
+        // ping(8)'s mdev: the standard deviation, sqrt(E[x²] - E[x]²); rounding can push
+        // the difference just below zero.
+        let var = (self.sum_sq / n - avg * avg).max(0.0);
+        RttSummary {
+            count: self.count,
+            min_ms: self.min,
+            avg_ms: avg,
+            max_ms: self.max,
+            mdev_ms: var.sqrt(),
+        }
+    }
+}
+
+fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// `1h02m03s`-style durations, coarse enough to read at a glance.
+fn human_duration(ms: u64) -> String {
+    let s = ms / 1000;
+    let (d, h, m, s) = (s / 86_400, s / 3600 % 24, s / 60 % 60, s % 60);
+    if d > 0 {
+        format!("{d}d{h:02}h{m:02}m")
+    } else if h > 0 {
+        format!("{h}h{m:02}m{s:02}s")
+    } else if m > 0 {
+        format!("{m}m{s:02}s")
+    } else {
+        format!("{s}s")
+    }
+}
+
+fn since(up: &UpstreamStatus, now_ms: u64) -> String {
+    if up.state_since_unix_ms == 0 || up.state_since_unix_ms > now_ms {
+        return "-".into();
+    }
+    format!("{} ago", human_duration(now_ms - up.state_since_unix_ms))
+}
+
+fn render_status(r: &StatusReport, now_ms: u64) -> String {
+    let mut s = format!(
+        "daemon:   muxd {}\npid:      {}\nuptime:   {}\nclients:  {}\n\n",
+        r.daemon_version,
+        r.pid,
+        human_duration(r.uptime_ms),
+        r.clients
+    );
+    if r.upstreams.is_empty() {
+        s.push_str("no upstream connections");
+        return s;
+    }
+    let header = [
+        "SERVER",
+        "PROFILE",
+        "TRANSPORT",
+        "STATE",
+        "SINCE",
+        "QUEUES",
+        "LAST ERROR",
+    ];
+    let rows: Vec<[String; 7]> = r
+        .upstreams
+        .iter()
+        .map(|u| {
+            [
+                u.server.clone(),
+                u.profile.clone(),
+                u.transport.clone(),
+                u.state.clone(),
+                since(u, now_ms),
+                u.queues.to_string(),
+                u.last_error.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut line = |cells: &[&str]| {
+        let mut l = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                // No padding after the last column.
+                l.push_str(cell);
+            } else {
+                l.push_str(&format!("{cell:<w$}  ", w = widths[i]));
+            }
+        }
+        s.push_str(l.trim_end());
+        s.push('\n');
+    };
+    line(&header);
+    for row in &rows {
+        line(&row.each_ref().map(String::as_str));
+    }
+    s.pop();
+    s
+}
+
+fn render_event(ev: &Event) -> String {
+    match ev {
+        Event::Status(r) => {
+            let mut states: Vec<(&str, usize)> = Vec::new();
+            for u in &r.upstreams {
+                match states.iter_mut().find(|(s, _)| *s == u.state) {
+                    Some((_, n)) => *n += 1,
+                    None => states.push((&u.state, 1)),
+                }
+            }
+            states.sort_unstable();
+            let mut line = format!(
+                "status uptime={} clients={} upstreams={}",
+                human_duration(r.uptime_ms),
+                r.clients,
+                r.upstreams.len()
+            );
+            for (state, n) in states {
+                line.push_str(&format!(" {state}={n}"));
+            }
+            line
+        }
+        Event::ShuttingDown { reason } => format!("shutting_down reason={reason}"),
+        // A newer daemon may send events this muxctl does not know by name.
+        other => format!("event {other:?}"),
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<io::Error>()
+            .is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn mdev_matches_ping8() {
+        let mut s = RttStats::default();
+        for ms in [1u64, 2, 3, 4] {
+            s.add(Duration::from_millis(ms));
+        }
+        let sum = s.summary();
+        assert_eq!(sum.count, 4);
+        assert!((sum.min_ms - 1.0).abs() < 1e-9);
+        assert!((sum.max_ms - 4.0).abs() < 1e-9);
+        assert!((sum.avg_ms - 2.5).abs() < 1e-9);
+        // population standard deviation of 1,2,3,4 = sqrt(1.25)
+        assert!((sum.mdev_ms - 1.25f64.sqrt()).abs() < 1e-9);
+        assert_eq!(RttStats::default().summary().count, 0);
+    }
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(human_duration(999), "0s");
+        assert_eq!(human_duration(61_000), "1m01s");
+        assert_eq!(human_duration(3_723_000), "1h02m03s");
+        assert_eq!(human_duration(90_061_000), "1d01h01m");
+    }
+
+    fn report(upstreams: Vec<UpstreamStatus>) -> StatusReport {
+        StatusReport {
+            daemon_version: "0.1.0".into(),
+            pid: 77,
+            uptime_ms: 61_000,
+            clients: 2,
+            upstreams,
+        }
+    }
+
+    #[test]
+    fn empty_status_says_so() {
+        let s = render_status(&report(vec![]), 0);
+        assert_eq!(
+            s,
+            "daemon:   muxd 0.1.0\npid:      77\nuptime:   1m01s\nclients:  2\n\nno upstream connections"
+        );
+    }
+
+    #[test]
+    fn status_table_aligns_columns() {
+        let ups = vec![
+            UpstreamStatus {
+                server: "smp://k@a.example:5223".into(),
+                profile: "smp".into(),
+                transport: "tls".into(),
+                state: "up".into(),
+                state_since_unix_ms: 1_000_000,
+                last_error: None,
+                queues: 3,
+            },
+            UpstreamStatus {
+                server: "smp://k@b:443".into(),
+                profile: "smp".into(),
+                transport: "websocket".into(),
+                state: "backing_off".into(),
+                state_since_unix_ms: 1_055_000,
+                last_error: Some("connection refused".into()),
+                queues: 0,
+            },
+        ];
+        let s = render_status(&report(ups), 1_060_000);
+        let lines: Vec<&str> = s.lines().skip(5).collect();
+        assert_eq!(
+            lines,
+            [
+                "SERVER                  PROFILE  TRANSPORT  STATE        SINCE      QUEUES  LAST ERROR",
+                "smp://k@a.example:5223  smp      tls        up           1m00s ago  3       -",
+                "smp://k@b:443           smp      websocket  backing_off  5s ago     0       connection refused",
+            ]
+        );
+    }
+}

@@ -1,1 +1,189 @@
-//! The muxd daemon.
+//! The muxd daemon as a library, so tests can run it in-process; `main.rs` is a thin shell.
+//!
+//! [`run`] binds the IPC socket and serves until a shutdown future completes, a client asks for
+//! shutdown, or an error occurs. [`bind`] and [`serve`] split that for callers that want the
+//! socket bound before they start serving.
+//!
+//! Inside, one driver task (`driver.rs`) owns the daemon state; each IPC client has a reader and
+//! a writer task (`ipc/session.rs`) and a bounded outbound queue. The driver never waits on a
+//! client, so a client that stops reading is disconnected instead of stalling the others.
+
+mod config;
+mod driver;
+mod ipc;
+mod shutdown;
+mod status;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use interprocess::local_socket::tokio::Listener;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use crate::config::{
+    Config, ConfigError, Environment, LogFormat, RunArgs, default_config_path,
+    generate_default_toml,
+};
+pub use crate::ipc::socket::SocketError;
+pub use crate::shutdown::{ShutdownReason, os_signal};
+pub use crate::status::{NoUpstreams, UpstreamSource};
+
+/// Sessions' commands waiting for the driver. Sessions wait for room (they only slow their own
+/// client down); the driver never waits on sessions.
+const COMMAND_QUEUE: usize = 256;
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The IPC socket could not be set up.
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+}
+
+impl Error {
+    /// The process exit code for this error: 2 for configuration, 1 for everything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Config(_) => 2,
+            Self::Socket(_) => 1,
+        }
+    }
+}
+
+/// The IPC socket, bound and ready to serve. Dropping it without serving removes the socket.
+#[derive(Debug)]
+pub struct BoundSocket {
+    listener: Listener,
+    path: PathBuf,
+}
+
+impl BoundSocket {
+    /// Where the socket is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Prepares the socket directory, clears a stale socket, refuses to start over a live daemon,
+/// and binds with mode 0600. Must be called inside a tokio runtime.
+pub fn bind(config: &Config) -> Result<BoundSocket, Error> {
+    let euid = ipc::socket::effective_uid();
+    ipc::socket::prepare_dir(&config.socket, config.socket_is_default, euid)?;
+    ipc::socket::sweep_stale(&config.socket)?;
+    let listener = ipc::socket::bind(&config.socket)?;
+    Ok(BoundSocket {
+        listener,
+        path: config.socket.clone(),
+    })
+}
+
+/// Binds the socket, then serves until shutdown. See [`bind`] and [`serve`].
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ShutdownReason>,
+) -> Result<(), Error> {
+    let socket = bind(&config)?;
+    serve(socket, config, shutdown).await
+}
+
+/// Serves IPC clients on `socket` until `shutdown` completes or a client asks for shutdown.
+///
+/// Shutdown stops accepting, sends every client `shutting_down`, waits up to
+/// `config.shutdown_grace` for clients to receive their last frames, then removes the socket.
+pub async fn serve(
+    socket: BoundSocket,
+    config: Config,
+    shutdown: impl Future<Output = ShutdownReason>,
+) -> Result<(), Error> {
+    serve_with(socket, config, Box::new(NoUpstreams), shutdown).await
+}
+
+/// [`serve`] with a given view of the upstream connections.
+pub async fn serve_with(
+    socket: BoundSocket,
+    config: Config,
+    upstreams: Box<dyn UpstreamSource>,
+    shutdown: impl Future<Output = ShutdownReason>,
+) -> Result<(), Error> {
+    let BoundSocket { listener, path } = socket;
+    tracing::info!(path = %path.display(), "listening on {}", path.display());
+    if let Some(notify) = &config.notify_socket {
+        if let Err(e) = ipc::socket::notify_ready(notify) {
+            tracing::warn!(error = %e, "cannot notify systemd of readiness");
+        }
+    }
+
+    let signal = shutdown::ShutdownSignal::new();
+    let abort = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
+    let hub = driver::Hub::new(
+        std::time::Instant::now(),
+        std::process::id(),
+        config.watch_interval,
+        upstreams,
+    );
+    let driver = tokio::spawn(driver::drive(
+        hub,
+        command_rx,
+        signal.clone(),
+        config.shutdown_grace,
+    ));
+    let server = ipc::server::Server {
+        euid: ipc::socket::effective_uid(),
+        slots: Arc::new(Semaphore::new(config.max_clients as usize)),
+        buffer_frames: config.client_buffer_frames as usize,
+        commands,
+        tracker: tracker.clone(),
+        stopping: signal.token().clone(),
+        abort: abort.clone(),
+    };
+
+    tokio::select! {
+        () = server.accept_loop(listener) => {}
+        reason = shutdown => signal.trigger(reason),
+    }
+    // Either branch may have ended first; make sure everything sees the shutdown, and that the
+    // accept loop (and with it the listener) is gone: the select above dropped it.
+    if !signal.is_triggered() {
+        signal.trigger(ShutdownReason::Signal);
+    }
+    let reason = signal.reason();
+    tracing::info!(%reason, "shutting down");
+    // The driver sends every client its `shutting_down` event as it exits.
+    if let Err(e) = driver.await {
+        tracing::error!(error = %e, "driver task failed");
+    }
+    tracker.close();
+    if tokio::time::timeout(config.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            tasks = tracker.len(),
+            "clients did not drain within {:?}; closing them",
+            config.shutdown_grace
+        );
+        abort.cancel();
+        // Every task now ends at its next await point.
+        tracker.wait().await;
+    }
+    remove_socket(&path);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn remove_socket(path: &Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot remove socket"),
+    }
+}

@@ -1,1 +1,475 @@
-//! End-to-end test support.
+//! End-to-end test support: the real `muxd` and `muxctl` binaries, a [`Daemon`] guard that runs
+//! one in a private temp directory, and [`RawClient`], a small synchronous frame-level client.
+//!
+//! Everything here panics on failure: it is only used from tests.
+
+#![allow(clippy::unwrap_used, clippy::print_stderr, clippy::missing_panics_doc)]
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use muxd_ipc_proto::{
+    ClientHello, ClientMessage, ErrorCode, FrameDecoder, Op, PROTO_VERSION, Request, ServerHello,
+    ServerMessage, encode_frame,
+};
+use tempfile::TempDir;
+
+/// How long helpers wait for the daemon to do something before failing the test.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// The `muxd` binary, built (once per test process) if needed.
+pub fn muxd_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| build_bin("muxd", "muxd"))
+}
+
+/// The `muxctl` binary, built (once per test process) if needed.
+pub fn muxctl_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| build_bin("muxctl", "muxctl"))
+}
+
+/// `target/<profile>/`: the test executable lives in its `deps/` subdirectory.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    let dir = if deps.file_name() == Some(OsStr::new("deps")) {
+        deps.parent()
+    } else {
+        Some(deps)
+    };
+    dir.unwrap().to_owned()
+}
+
+/// Runs `cargo build` for one binary so tests never use a stale one, then returns its path.
+///
+/// Cargo releases its build lock before it runs test binaries, so this nested build does not
+/// deadlock under `cargo test`; when the sources are unchanged it is a quick no-op. Without
+/// `CARGO` (the test binary run by hand) the existing binary is used as is.
+fn build_bin(package: &str, bin: &str) -> PathBuf {
+    let profile_dir = profile_dir();
+    let path = profile_dir.join(format!("{bin}{}", std::env::consts::EXE_SUFFIX));
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let target_dir = profile_dir.parent().unwrap();
+        let profile = profile_dir
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", package, "--bin", bin])
+            .arg("--target-dir")
+            .arg(target_dir)
+            .current_dir(workspace_root());
+        match profile.as_str() {
+            "debug" => {}
+            "release" => {
+                cmd.arg("--release");
+            }
+            other => {
+                cmd.args(["--profile", other]);
+            }
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "building {bin} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(path.exists(), "{} does not exist", path.display());
+    path
+}
+
+/// The workspace root (this crate is `tests/e2e`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// Options for starting a [`Daemon`].
+#[derive(Debug, Default)]
+pub struct DaemonBuilder {
+    args: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+    config: Option<String>,
+    socket: Option<PathBuf>,
+}
+
+impl DaemonBuilder {
+    /// Adds command-line arguments after `muxd run --socket <path>`.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets an environment variable for the daemon.
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Writes this text as the daemon's default config file (`$XDG_CONFIG_HOME/muxd/muxd.toml`).
+    pub fn config(mut self, toml: impl Into<String>) -> Self {
+        self.config = Some(toml.into());
+        self
+    }
+
+    /// Uses this socket path instead of `<tmp>/muxd.sock`.
+    pub fn socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.socket = Some(path.into());
+        self
+    }
+
+    /// Spawns the daemon and waits until it logs that it is listening.
+    pub fn start(self) -> Daemon {
+        let mut daemon = self.spawn();
+        daemon.wait_ready();
+        daemon
+    }
+
+    /// Spawns the daemon without waiting for it (for tests of startup failures).
+    pub fn spawn(self) -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("muxd-e2e-")
+            .tempdir()
+            .unwrap();
+        let socket = self.socket.unwrap_or_else(|| dir.path().join("muxd.sock"));
+        let config_home = dir.path().join("config");
+        let runtime_dir = dir.path().join("runtime");
+        std::fs::create_dir_all(config_home.join("muxd")).unwrap();
+        if let Some(text) = &self.config {
+            std::fs::write(config_home.join("muxd").join("muxd.toml"), text).unwrap();
+        }
+        let log_path = dir.path().join("muxd.log");
+        let log = File::create(&log_path).unwrap();
+        let mut cmd = Command::new(muxd_bin());
+        cmd.arg("run")
+            .arg("--socket")
+            .arg(&socket)
+            .args(&self.args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", dir.path())
+            .env("XDG_CONFIG_HOME", &config_home)
+            .env("XDG_RUNTIME_DIR", &runtime_dir)
+            .env("MUXD_LOG", "debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = cmd.spawn().unwrap();
+        Daemon {
+            child: Some(child),
+            socket,
+            log_path,
+            dir,
+        }
+    }
+}
+
+/// A running `muxd run` in its own temp directory; killed when dropped.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Option<Child>,
+    socket: PathBuf,
+    log_path: PathBuf,
+    dir: TempDir,
+}
+
+impl Daemon {
+    /// Options for a daemon.
+    pub fn builder() -> DaemonBuilder {
+        DaemonBuilder::default()
+    }
+
+    /// A daemon with default options, ready to accept clients.
+    pub fn start() -> Self {
+        Self::builder().start()
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The daemon's private temp directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Everything the daemon wrote to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`; panics (with the log) after [`PATIENCE`].
+    pub fn wait_for_log(&mut self, needle: &str) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if self.log().contains(needle) {
+                return;
+            }
+            if let Some(status) = self.try_wait() {
+                panic!(
+                    "muxd exited ({status}) before logging {needle:?}:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "muxd never logged {needle:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn wait_ready(&mut self) {
+        self.wait_for_log("listening on");
+    }
+
+    /// The exit status, if the daemon has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().unwrap().try_wait().unwrap()
+    }
+
+    /// Waits for the daemon to exit; panics after [`PATIENCE`].
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.try_wait() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "muxd did not exit:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(self.pid()).unwrap()),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+    }
+
+    /// Resident set size from `/proc/<pid>/status`, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// A raw connection, before any hello.
+    pub fn connect(&self) -> RawClient {
+        RawClient::connect(&self.socket)
+    }
+
+    /// A connection that has exchanged hellos.
+    pub fn client(&self, app: &str) -> RawClient {
+        let mut c = self.connect();
+        c.hello(app);
+        c
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// How a [`RawClient::recv`] ended without a message.
+#[derive(Debug)]
+pub enum RecvError {
+    /// The daemon closed the connection (EOF or reset).
+    Closed,
+    /// Nothing arrived within the timeout.
+    Timeout,
+    /// The bytes were not a valid frame.
+    Decode(String),
+}
+
+/// A synchronous client that speaks frames and lets tests send anything at all.
+#[derive(Debug)]
+pub struct RawClient {
+    stream: UnixStream,
+    decoder: FrameDecoder,
+    next_id: u64,
+}
+
+impl RawClient {
+    /// Connects; panics if the connection is refused.
+    pub fn connect(path: &Path) -> Self {
+        let stream =
+            UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        Self {
+            stream,
+            decoder: FrameDecoder::new(),
+            next_id: 1,
+        }
+    }
+
+    /// The socket, for tests that need lower-level control.
+    pub fn stream(&self) -> &UnixStream {
+        &self.stream
+    }
+
+    /// Sends raw bytes.
+    pub fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    /// Sends one message as a frame.
+    pub fn send(&mut self, msg: &ClientMessage) -> io::Result<()> {
+        let mut buf = Vec::new();
+        encode_frame(msg, &mut buf).unwrap();
+        self.send_raw(&buf)
+    }
+
+    /// Sends a JSON value as a frame (for messages the typed API cannot express).
+    pub fn send_json(&mut self, value: &serde_json::Value) -> io::Result<()> {
+        let body = serde_json::to_vec(value).unwrap();
+        let mut buf = u32::try_from(body.len()).unwrap().to_be_bytes().to_vec();
+        buf.extend_from_slice(&body);
+        self.send_raw(&buf)
+    }
+
+    /// Sends a hello with the current protocol version and returns the daemon's hello.
+    pub fn hello(&mut self, app: &str) -> ServerHello {
+        self.send(&ClientMessage::Hello(ClientHello {
+            proto_version: PROTO_VERSION,
+            app: app.to_owned(),
+        }))
+        .unwrap();
+        match self.recv() {
+            Ok(ServerMessage::Hello(h)) => h,
+            other => panic!("expected hello, got {other:?}"),
+        }
+    }
+
+    /// Sends a request with a fresh id and returns that id.
+    pub fn send_request(&mut self, op: Op) -> io::Result<u64> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send(&ClientMessage::Request(Request { id, op }))?;
+        Ok(id)
+    }
+
+    /// Sends a request and waits for its answer (a response or an error with its id), skipping
+    /// events that arrive in between.
+    pub fn request(&mut self, op: Op) -> ServerMessage {
+        let id = self.send_request(op).unwrap();
+        loop {
+            match self.recv() {
+                Ok(msg @ ServerMessage::Response(_)) if response_id(&msg) == Some(id) => {
+                    return msg;
+                }
+                Ok(msg @ ServerMessage::Error(_)) => return msg,
+                Ok(_) => {}
+                Err(e) => panic!("no answer to request {id}: {e:?}"),
+            }
+        }
+    }
+
+    /// The next message, waiting at most [`PATIENCE`].
+    pub fn recv(&mut self) -> Result<ServerMessage, RecvError> {
+        self.recv_timeout(PATIENCE)
+    }
+
+    /// The next message, waiting at most `timeout`.
+    pub fn recv_timeout(&mut self, timeout: Duration) -> Result<ServerMessage, RecvError> {
+        let deadline = Instant::now() + timeout;
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match self.decoder.next::<ServerMessage>() {
+                Ok(Some(msg)) => return Ok(msg),
+                Ok(None) => {}
+                Err(e) => return Err(RecvError::Decode(e.to_string())),
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(RecvError::Timeout);
+            }
+            self.stream.set_read_timeout(Some(left)).unwrap();
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Err(RecvError::Closed),
+                Ok(n) => self.decoder.extend(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(RecvError::Timeout);
+                }
+                Err(_) => return Err(RecvError::Closed),
+            }
+        }
+    }
+
+    /// Reads until the daemon closes the connection; returns what arrived. Panics if the
+    /// connection stays open past [`PATIENCE`].
+    pub fn recv_until_closed(&mut self) -> Vec<ServerMessage> {
+        let mut got = Vec::new();
+        loop {
+            match self.recv() {
+                Ok(msg) => got.push(msg),
+                Err(RecvError::Closed) => return got,
+                Err(e) => panic!("connection not closed ({e:?}); got {got:?}"),
+            }
+        }
+    }
+
+    /// Expects a connection-level error with `code`, then the close.
+    pub fn expect_error_and_close(&mut self, code: ErrorCode) {
+        let got = self.recv_until_closed();
+        let errors: Vec<_> = got
+            .iter()
+            .filter_map(|m| match m {
+                ServerMessage::Error(e) => Some(e),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            errors.iter().any(|e| e.code == code && e.id.is_none()),
+            "expected a {code:?} error frame, got {got:?}"
+        );
+    }
+}
+
+/// The id of a response or error.
+pub fn response_id(msg: &ServerMessage) -> Option<u64> {
+    match msg {
+        ServerMessage::Response(r) => Some(r.id),
+        ServerMessage::Error(e) => e.id,
+        _ => None,
+    }
+}

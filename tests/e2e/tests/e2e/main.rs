@@ -1,0 +1,8 @@
+//! End-to-end tests with the real binaries, in one test binary split into modules.
+
+// Test helpers outside `#[test]` functions may panic freely too.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod daemon;
+mod muxctl;
+mod python;
