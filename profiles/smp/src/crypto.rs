@@ -263,11 +263,11 @@ impl SbChainKey {
             b"SimpleXSbChainInit",
             &mut out[..],
         );
-        let mut ck1 = [0u8; 32];
-        let mut ck2 = [0u8; 32];
+        let mut ck1 = Zeroizing::new([0u8; 32]);
+        let mut ck2 = Zeroizing::new([0u8; 32]);
         ck1.copy_from_slice(&out[..32]);
         ck2.copy_from_slice(&out[32..]);
-        (Self::from_bytes(ck1), Self::from_bytes(ck2))
+        (Self(ck1), Self(ck2))
     }
 
     /// Advances the chain one block: `HKDF-SHA512("", ck, "SimpleXSbChain", 88)` split into the
@@ -276,11 +276,11 @@ impl SbChainKey {
         let mut out = Zeroizing::new([0u8; 88]);
         let _ = hkdf_sha512(b"", &self.0[..], b"SimpleXSbChain", &mut out[..]);
         self.0.copy_from_slice(&out[..32]);
-        let mut key = [0u8; 32];
+        let mut key = Zeroizing::new([0u8; 32]);
         key.copy_from_slice(&out[32..64]);
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&out[64..88]);
-        (SbKey::from_bytes(key), nonce)
+        (SbKey(key), nonce)
     }
 }
 

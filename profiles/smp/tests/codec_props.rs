@@ -6,8 +6,8 @@
 
 use muxd_smp::block::{BATCH_BUDGET, BatchBuilder, MAX_BATCH_COUNT, decode_batch};
 use muxd_smp::command::{
-    Command, LinkData, NewQueue, NtfKeys, QueueIds, QueueMode, QueueRequest, Response,
-    ServerRef, SubscriptionMode,
+    Command, LinkData, NewQueue, NtfKeys, QueueIds, QueueMode, QueueRequest, Response, ServerRef,
+    SubscriptionMode,
 };
 use muxd_smp::error::{BlockingInfo, BlockingReason, CmdError, ErrorType};
 use muxd_smp::transmission::{Authorized, Transmission, encode_transmission};
@@ -64,7 +64,8 @@ fn command() -> impl Strategy<Value = Command> {
         proptest::collection::vec(bytes(44), 1..4).prop_map(Command::RKey),
         (bytes(24), link_data()).prop_map(|(link_id, data)| Command::LSet { link_id, data }),
         Just(Command::LDel),
-        (bytes(44), bytes(44)).prop_map(|(auth_key, dh_key)| Command::NKey(NtfKeys { auth_key, dh_key })),
+        (bytes(44), bytes(44))
+            .prop_map(|(auth_key, dh_key)| Command::NKey(NtfKeys { auth_key, dh_key })),
         Just(Command::NDel),
         Just(Command::Get),
         bytes(24).prop_map(Command::Ack),
@@ -72,7 +73,8 @@ fn command() -> impl Strategy<Value = Command> {
         Just(Command::Del),
         Just(Command::Que),
         bytes(44).prop_map(Command::SKey),
-        (any::<bool>(), bytes(2000)).prop_map(|(notification, body)| Command::Send { notification, body }),
+        (any::<bool>(), bytes(2000))
+            .prop_map(|(notification, body)| Command::Send { notification, body }),
         Just(Command::Ping),
         bytes(44).prop_map(Command::LKey),
         Just(Command::LGet),
@@ -85,10 +87,18 @@ fn command() -> impl Strategy<Value = Command> {
             proptest::option::of(basic_auth())
         )
             .prop_map(|(hosts, port, key_hash, basic_auth)| Command::Prxy {
-                server: ServerRef { hosts, port, key_hash },
+                server: ServerRef {
+                    hosts,
+                    port,
+                    key_hash
+                },
                 basic_auth,
             }),
-        (any::<u16>(), bytes(44), bytes(500)).prop_map(|(version, key, enc)| Command::PFwd { version, key, enc }),
+        (any::<u16>(), bytes(44), bytes(500)).prop_map(|(version, key, enc)| Command::PFwd {
+            version,
+            key,
+            enc
+        }),
         bytes(500).prop_map(Command::RFwd),
     ]
 }
@@ -122,17 +132,28 @@ fn error_type() -> impl Strategy<Value = ErrorType> {
         Just(ErrorType::Quota),
         Just(ErrorType::Cmd(CmdError::Syntax)),
         "[ -~]{0,40}".prop_map(ErrorType::Store),
-        (any::<bool>(), proptest::option::of("\\{[a-z:0-9\"]{0,20}\\}")).prop_map(|(spam, notice)| {
-            ErrorType::Blocked(BlockingInfo {
-                reason: if spam { BlockingReason::Spam } else { BlockingReason::Content },
-                notice,
-            })
-        }),
+        (
+            any::<bool>(),
+            proptest::option::of("\\{[a-z:0-9\"]{0,20}\\}")
+        )
+            .prop_map(|(spam, notice)| {
+                ErrorType::Blocked(BlockingInfo {
+                    reason: if spam {
+                        BlockingReason::Spam
+                    } else {
+                        BlockingReason::Content
+                    },
+                    notice,
+                })
+            }),
     ]
 }
 
 fn response() -> impl Strategy<Value = Response> {
-    let mode = proptest::option::of(prop_oneof![Just(QueueMode::Messaging), Just(QueueMode::Contact)]);
+    let mode = proptest::option::of(prop_oneof![
+        Just(QueueMode::Messaging),
+        Just(QueueMode::Contact)
+    ]);
     prop_oneof![
         (
             bytes(24),
@@ -143,15 +164,29 @@ fn response() -> impl Strategy<Value = Response> {
             proptest::option::of(bytes(24)),
             proptest::option::of((bytes(24), bytes(44)))
         )
-            .prop_map(|(rcv_id, snd_id, srv_dh_key, queue_mode, link_id, service_id, ntf_creds)| {
-                Response::Ids(QueueIds { rcv_id, snd_id, srv_dh_key, queue_mode, link_id, service_id, ntf_creds })
-            }),
+            .prop_map(
+                |(rcv_id, snd_id, srv_dh_key, queue_mode, link_id, service_id, ntf_creds)| {
+                    Response::Ids(QueueIds {
+                        rcv_id,
+                        snd_id,
+                        srv_dh_key,
+                        queue_mode,
+                        link_id,
+                        service_id,
+                        ntf_creds,
+                    })
+                }
+            ),
         (bytes(24), link_data()).prop_map(|(sender_id, data)| Response::Lnk { sender_id, data }),
         proptest::option::of(bytes(24)).prop_map(Response::Sok),
         any::<i64>().prop_map(Response::Soks),
         (bytes(24), bytes(3000)).prop_map(|(msg_id, body)| Response::Msg { msg_id, body }),
-        (bytes(24), bytes(44)).prop_map(|(notifier_id, srv_ntf_dh_key)| Response::Nid { notifier_id, srv_ntf_dh_key }),
-        (any::<[u8; 24]>(), bytes(144)).prop_map(|(nonce, enc_meta)| Response::NMsg { nonce, enc_meta }),
+        (bytes(24), bytes(44)).prop_map(|(notifier_id, srv_ntf_dh_key)| Response::Nid {
+            notifier_id,
+            srv_ntf_dh_key
+        }),
+        (any::<[u8; 24]>(), bytes(144))
+            .prop_map(|(nonce, enc_meta)| Response::NMsg { nonce, enc_meta }),
         bytes(500).prop_map(Response::PRes),
         Just(Response::End),
         any::<i64>().prop_map(Response::Ends),
@@ -176,21 +211,24 @@ fn response_at_version(r: &Response, v: u16) -> Response {
             }
             if v < 15 {
                 ids.link_id = None;
-                ids.queue_mode = (v >= 9).then_some(if ids.queue_mode == Some(QueueMode::Messaging) {
-                    QueueMode::Messaging
-                } else {
-                    QueueMode::Contact
-                });
+                ids.queue_mode =
+                    (v >= 9).then_some(if ids.queue_mode == Some(QueueMode::Messaging) {
+                        QueueMode::Messaging
+                    } else {
+                        QueueMode::Contact
+                    });
             }
             Response::Ids(ids)
         }
         Response::Sok(_) if v < 16 => Response::Ok,
         Response::Deld if v < 10 => Response::End,
         Response::Err(ErrorType::Blocked(_)) if v < 12 => Response::Err(ErrorType::Auth),
-        Response::Err(ErrorType::Blocked(info)) if v < 18 => Response::Err(ErrorType::Blocked(BlockingInfo {
-            reason: info.reason,
-            notice: None,
-        })),
+        Response::Err(ErrorType::Blocked(info)) if v < 18 => {
+            Response::Err(ErrorType::Blocked(BlockingInfo {
+                reason: info.reason,
+                notice: None,
+            }))
+        }
         other => other.clone(),
     }
 }

@@ -1,0 +1,1 @@
+//! The upstream pool of muxd (sans-IO).

@@ -1,0 +1,167 @@
+//! What apps ask of the pool, and what the pool asks of its driver.
+
+use muxd_smp::cert::KeyHash;
+
+use crate::error::PoolError;
+use crate::server::ServerKey;
+
+/// The driver's handle for one request; the pool returns it with the reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequestToken(pub u64);
+
+/// A request from an app that needs an upstream server.
+///
+/// Local questions (an app's queues, its waiting messages, acknowledging one) are answered
+/// at once by [`crate::Pool::queues`], [`crate::Pool::messages`] and [`crate::Pool::ack`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PoolRequest {
+    /// Create a receiving queue on `server` (`smp://<keyHash>[:<password>]@host[:port]`).
+    CreateQueue {
+        /// The server address.
+        server: String,
+        /// Reach the server over WebSocket instead of plain TLS.
+        websocket: bool,
+    },
+    /// Delete one of the app's queues on its server and forget it.
+    DeleteQueue {
+        /// The id [`PoolReply::QueueCreated`] gave.
+        queue_id: String,
+    },
+    /// Send `body` to the queue a recipient handed out as `queue_uri`.
+    Send {
+        /// The recipient's queue URI.
+        queue_uri: String,
+        /// The message; at most [`crate::MAX_BODY_LEN`] bytes.
+        body: Vec<u8>,
+    },
+}
+
+/// A successful answer to a [`PoolRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PoolReply {
+    /// The queue exists on the server and is subscribed on this connection.
+    QueueCreated(QueueInfo),
+    /// The queue was deleted.
+    Deleted,
+    /// The server accepted the message.
+    Sent {
+        /// The pool's id for the message.
+        message_id: String,
+    },
+}
+
+/// Whether the pool receives a queue's messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Subscription {
+    /// Messages arrive on this connection.
+    Subscribed,
+    /// The connection is down; the pool subscribes again when it is back.
+    Pending,
+    /// Another connection subscribed the queue (`END`); messages go there now.
+    Ended,
+    /// The queue was deleted on the server (`DELD`, or `ERR AUTH` on SUB).
+    Gone,
+}
+
+impl Subscription {
+    /// `"subscribed"`, `"pending"`, `"ended"` or `"gone"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Subscribed => "subscribed",
+            Self::Pending => "pending",
+            Self::Ended => "ended",
+            Self::Gone => "gone",
+        }
+    }
+}
+
+/// One of an app's queues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueInfo {
+    /// The pool's id: base64url of the server's recipient id.
+    pub queue_id: String,
+    /// The server it lives on.
+    pub server: ServerKey,
+    /// The URI to give a sender.
+    pub queue_uri: String,
+    /// Messages received and not yet acknowledged by the app.
+    pub waiting: usize,
+    /// Whether messages arrive.
+    pub subscription: Subscription,
+    /// The last problem with this queue (a lost connection, an undecryptable message).
+    pub last_error: Option<String>,
+}
+
+/// Something the driver must do, or pass on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Action {
+    /// Open a transport to the server, then call [`crate::Pool::handle_connected`] (or
+    /// [`crate::Pool::handle_disconnected`] if it fails).
+    Connect {
+        /// The connection's key, to pass back.
+        server: ServerKey,
+        /// Host to dial.
+        host: String,
+        /// Port to dial.
+        port: u16,
+        /// The identity the TLS layer must pin.
+        key_hash: KeyHash,
+        /// Upgrade to WebSocket after TLS.
+        websocket: bool,
+    },
+    /// Write this 16384-byte block to the server's transport.
+    Transmit {
+        /// The connection.
+        server: ServerKey,
+        /// The block.
+        block: Vec<u8>,
+    },
+    /// Close the server's transport; the pool has already forgotten the connection.
+    Disconnect {
+        /// The connection.
+        server: ServerKey,
+    },
+    /// The answer to a request.
+    Reply {
+        /// The request's token.
+        token: RequestToken,
+        /// The outcome.
+        result: Result<PoolReply, PoolError>,
+    },
+    /// Something apps may want to know.
+    Event(PoolEvent),
+}
+
+/// News for apps (the daemon wakes waiting `recv`s and refreshes status watchers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PoolEvent {
+    /// A new message waits in one of the app's queues.
+    MessageArrived {
+        /// The queue's owner.
+        app: String,
+        /// The queue.
+        queue_id: String,
+    },
+    /// A queue's subscription changed (ended elsewhere, deleted on the server, lost with its
+    /// connection or restored).
+    SubscriptionChanged {
+        /// The queue's owner.
+        app: String,
+        /// The queue.
+        queue_id: String,
+        /// The new state.
+        subscription: Subscription,
+    },
+    /// A server's connection changed state.
+    ServerChanged {
+        /// The server.
+        server: ServerKey,
+        /// Its new state.
+        state: crate::server::ConnState,
+    },
+}
