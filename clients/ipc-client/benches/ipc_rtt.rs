@@ -20,6 +20,8 @@ use tokio::net::UnixStream;
 
 const DEFAULT_N: usize = 5000;
 const WARMUP: usize = 200;
+/// `n` is split over this many rounds.
+const ROUNDS: usize = 5;
 const SIZES: [usize; 2] = [64, 4096];
 
 /// Kills the daemon when the benchmark ends, however it ends.
@@ -41,10 +43,22 @@ fn muxd_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().unwrap().parent().unwrap().to_owned();
     if let Some(cargo) = std::env::var_os("CARGO") {
-        let profile = profile_dir.file_name().unwrap().to_string_lossy().into_owned();
+        let profile = profile_dir
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "muxd", "--bin", "muxd", "--target-dir"])
-            .arg(profile_dir.parent().unwrap());
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "muxd",
+            "--bin",
+            "muxd",
+            "--target-dir",
+        ])
+        .arg(profile_dir.parent().unwrap());
         match profile.as_str() {
             "debug" => {}
             "release" => {
@@ -81,7 +95,8 @@ fn start_daemon(dir: &Path) -> (DaemonGuard, PathBuf) {
     (guard, socket)
 }
 
-/// A thread that echoes length-prefixed frames back, byte for byte.
+/// A thread per connection that echoes every byte back (the client sends length-prefixed
+/// frames and reads the same frame back).
 fn start_echo(dir: &Path) -> PathBuf {
     let path = dir.join("echo.sock");
     let listener = UnixListener::bind(&path).unwrap();
@@ -89,17 +104,17 @@ fn start_echo(dir: &Path) -> PathBuf {
         for stream in listener.incoming() {
             let Ok(mut s) = stream else { return };
             std::thread::spawn(move || {
-                // Header and body go back in one write, as the daemon's writer does.
-                let mut buf = vec![0u8; 4];
+                // The client waits for the whole frame it sent, so echoing bytes as they come
+                // is enough: one read and one write per chunk, the least a server can do.
+                let mut buf = vec![0u8; 64 * 1024];
                 loop {
-                    buf.truncate(4);
-                    if s.read_exact(&mut buf[..4]).is_err() {
-                        return;
-                    }
-                    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-                    buf.resize(4 + len, 0);
-                    if s.read_exact(&mut buf[4..]).is_err() || s.write_all(&buf).is_err() {
-                        return;
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
                     }
                 }
             });
@@ -121,39 +136,40 @@ fn ping_frame_len(data_len: usize) -> usize {
     out.len()
 }
 
-/// Measures both paths, alternating one IPC ping and one raw echo per iteration so that load
-/// from other processes (this often runs on a busy machine) hits both alike.
-async fn bench_pair(
-    daemon: &Path,
-    echo: &Path,
-    data_len: usize,
-    n: usize,
-) -> (Vec<Duration>, Vec<Duration>) {
+/// `n` IPC pings of `data_len` bytes on a fresh connection.
+async fn bench_ipc(daemon: &Path, data_len: usize, n: usize) -> Vec<Duration> {
     let mut c = Client::connect(daemon, "bench").await.unwrap();
     let data = "x".repeat(data_len);
-    let frame_len = ping_frame_len(data_len);
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..WARMUP + n {
+        let start = Instant::now();
+        let echoed = c.ping(data.clone()).await.unwrap();
+        let rtt = start.elapsed();
+        assert_eq!(echoed.len(), data_len);
+        if i >= WARMUP {
+            samples.push(rtt);
+        }
+    }
+    samples
+}
+
+/// `n` raw echoes of a `frame_len`-byte frame on a fresh connection.
+async fn bench_raw(echo: &Path, frame_len: usize, n: usize) -> Vec<Duration> {
     let mut s = UnixStream::connect(echo).await.unwrap();
     let mut frame = ((frame_len - 4) as u32).to_be_bytes().to_vec();
     frame.resize(frame_len, b'x');
     let mut back = vec![0u8; frame_len];
-    let (mut ipc, mut raw) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let mut samples = Vec::with_capacity(n);
     for i in 0..WARMUP + n {
-        let start = Instant::now();
-        let echoed = c.ping(data.clone()).await.unwrap();
-        let t_ipc = start.elapsed();
-        assert_eq!(echoed.len(), data_len);
-
         let start = Instant::now();
         s.write_all(&frame).await.unwrap();
         s.read_exact(&mut back).await.unwrap();
-        let t_raw = start.elapsed();
-
+        let rtt = start.elapsed();
         if i >= WARMUP {
-            ipc.push(t_ipc);
-            raw.push(t_raw);
+            samples.push(rtt);
         }
     }
-    (ipc, raw)
+    samples
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -178,14 +194,23 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    println!("IPC round trip, N={n} (after {WARMUP} warm-up), microseconds");
+    println!(
+        "IPC round trip, N={n} per size in {ROUNDS} rounds (each after {WARMUP} warm-up), microseconds"
+    );
     println!(
         "{:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9}",
         "data", "frame", "ipc p50", "ipc p99", "raw p50", "raw p99", "x p50", "x p99"
     );
     for size in SIZES {
-        let frame_len = ping_frame_len(size);
-        let (mut ipc, mut raw) = rt.block_on(bench_pair(&socket, &echo, size, n));
+        // Alternating rounds on fresh connections, pooled: on a small shared machine one round
+        // can land in a bad scheduling pattern for its whole duration, and alternating spreads
+        // load drift over both paths. Not interleaved per ping: the daemon's idle workers
+        // still spinning after a pong would steal the CPU from the echo thread.
+        let (mut ipc, mut raw) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            ipc.extend(rt.block_on(bench_ipc(&socket, size, n / ROUNDS)));
+            raw.extend(rt.block_on(bench_raw(&echo, ping_frame_len(size), n / ROUNDS)));
+        }
         ipc.sort_unstable();
         raw.sort_unstable();
         let (i50, i99) = (percentile(&ipc, 0.50), percentile(&ipc, 0.99));
@@ -193,7 +218,7 @@ fn main() {
         println!(
             "{:>10} {:>10} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>9.2} {:>9.2}",
             format!("{size} B"),
-            format!("{frame_len} B"),
+            format!("{} B", ping_frame_len(size)),
             us(i50),
             us(i99),
             us(r50),

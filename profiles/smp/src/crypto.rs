@@ -12,8 +12,8 @@ use std::fmt;
 use hkdf::Hkdf;
 use salsa20::cipher::consts::U10;
 use sha2::{Digest as _, Sha512};
-use xsalsa20poly1305::aead::{AeadInPlace as _, KeyInit as _};
-use xsalsa20poly1305::{Tag, XSalsa20Poly1305};
+use crypto_secretbox::aead::{AeadInPlace as _, KeyInit as _};
+use crypto_secretbox::{Tag, XSalsa20Poly1305};
 use zeroize::{Zeroize as _, Zeroizing};
 
 use crate::block::{BLOCK_SIZE, ENCRYPTED_PADDED_SIZE};

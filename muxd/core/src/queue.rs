@@ -1,0 +1,103 @@
+//! The recipient side of a queue: its keys, and opening what arrives on it.
+
+use muxd_smp::crypto::QueueAuthKey;
+use muxd_smp::e2e::{self, ClientMsgEnvelope, PrivHeader, RcvMsgBody};
+use muxd_smp::keys::{DhSecret, Ed25519SecretKey, PublicKey, X25519SecretKey};
+
+use crate::request::{RequestToken, Subscription};
+use crate::server::ServerKey;
+
+/// The keys of a queue being created, kept until IDS arrives.
+#[derive(Debug)]
+pub(crate) struct NewQueueKeys {
+    pub(crate) app: String,
+    pub(crate) token: RequestToken,
+    /// Authorizes the recipient's commands (registered in NEW).
+    pub(crate) rcv_auth: Ed25519SecretKey,
+    /// With the server's DH key from IDS, decrypts the server→recipient layer.
+    pub(crate) rcv_dh: X25519SecretKey,
+    /// The e2e key published as `dh=` in the queue URI.
+    pub(crate) e2e: X25519SecretKey,
+}
+
+/// A queue owned by an app.
+#[derive(Debug)]
+pub(crate) struct RcvQueue {
+    pub(crate) app: String,
+    pub(crate) server: ServerKey,
+    pub(crate) rcv_id: Vec<u8>,
+    pub(crate) rcv_auth: QueueAuthKey,
+    pub(crate) rcv_dh_secret: DhSecret,
+    pub(crate) e2e: X25519SecretKey,
+    /// Known once the sender's confirmation arrived.
+    pub(crate) e2e_secret: Option<DhSecret>,
+    /// The key a legacy sender asked us to secure the queue with (KEY).
+    pub(crate) sender_key: Option<PublicKey>,
+    /// Whether the server confirmed our KEY.
+    pub(crate) secured: bool,
+    pub(crate) uri: String,
+    pub(crate) subscription: Subscription,
+    pub(crate) last_error: Option<String>,
+}
+
+/// What a `MSG` on a queue turned out to be.
+#[derive(Debug)]
+pub(crate) enum Opened {
+    /// The "queue was full" marker: acknowledged, not shown to the app.
+    Quota,
+    /// A message for the app.
+    Message {
+        ts: i64,
+        body: Vec<u8>,
+        /// A legacy confirmation: the recipient must secure the queue with this key.
+        secure_with: Option<PublicKey>,
+    },
+    /// Nothing usable; the reason is recorded on the queue.
+    Undecryptable(String),
+}
+
+impl RcvQueue {
+    /// Decrypts the server layer, then the e2e envelope. A confirmation (sender key in the
+    /// clear header) sets the queue's e2e secret, but only once it has opened correctly, so a
+    /// forged header cannot replace a working secret with a useless one.
+    pub(crate) fn open(&mut self, msg_id: &[u8], enc_body: &[u8]) -> Opened {
+        let (ts, sent) = match e2e::decrypt_msg_body(&self.rcv_dh_secret, msg_id, enc_body) {
+            Ok(RcvMsgBody::Quota { .. }) => return Opened::Quota,
+            Ok(RcvMsgBody::Message { ts, body, .. }) => (ts, body),
+            Ok(other) => return Opened::Undecryptable(format!("unknown message body {other:?}")),
+            Err(e) => return Opened::Undecryptable(format!("message body: {e}")),
+        };
+        let envelope = match ClientMsgEnvelope::decode(&sent) {
+            Ok(env) => env,
+            Err(e) => return Opened::Undecryptable(format!("message envelope: {e}")),
+        };
+        let message = if envelope.header.sender_e2e_key.is_some() {
+            match envelope.open_confirmation(&self.e2e) {
+                Ok((secret, msg)) => {
+                    self.e2e_secret = Some(secret);
+                    msg
+                }
+                Err(e) => return Opened::Undecryptable(format!("confirmation: {e}")),
+            }
+        } else {
+            let Some(secret) = &self.e2e_secret else {
+                return Opened::Undecryptable(
+                    "message before the sender's confirmation".to_owned(),
+                );
+            };
+            match envelope.open(secret) {
+                Ok(msg) => msg,
+                Err(e) => return Opened::Undecryptable(format!("message: {e}")),
+            }
+        };
+        let secure_with = match message.header {
+            PrivHeader::Confirmation(k) => Some(k),
+            _ => None,
+        };
+        Opened::Message {
+            ts,
+            body: message.body,
+            secure_with,
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! The sender side of a queue: securing it, the first-message confirmation, and the ordered
+//! outbox of messages waiting for the server's OK.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use muxd_smp::address::QueueUri;
+use muxd_smp::command::QueueMode;
+use muxd_smp::crypto::QueueAuthKey;
+use muxd_smp::e2e::{ClientMessage, ClientMsgEnvelope, E2eError, PrivHeader};
+use muxd_smp::keys::{DhSecret, Ed25519SecretKey, X25519PublicKey, X25519SecretKey};
+use muxd_smp::version::SND_AUTH_KEY;
+use rand_core::{CryptoRng, RngCore};
+
+use crate::request::RequestToken;
+use crate::server::ServerKey;
+
+/// The highest SMP client version we speak in envelopes (§1.2: 4 = short links).
+const CLIENT_VERSION: u16 = 4;
+/// The SMP client version from which the sender may secure the queue itself (SKEY).
+const SND_SECURE_CLIENT_VERSION: u16 = 3;
+
+/// Identifies a destination queue: its server connection and sender id.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct DestKey {
+    pub(crate) server: ServerKey,
+    pub(crate) sender_id: Vec<u8>,
+}
+
+/// Whether the queue is secured with our sender key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Secured {
+    No,
+    /// SKEY sent, answer pending.
+    InFlight,
+    Yes,
+}
+
+/// Whether the recipient has our e2e key (the confirmation was accepted by the server).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Confirmation {
+    NotSent,
+    /// Sent, but the connection died before the answer: it may have arrived.
+    Unknown,
+    Confirmed,
+}
+
+/// How a message in flight was sent; decides what an error means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SendKind {
+    /// The confirmation, signed (fast flow) or not (legacy flow). `after_unknown` is set when
+    /// an earlier confirmation may already have arrived.
+    Confirmation { signed: bool, after_unknown: bool },
+    /// A normal message, signed with the sender key.
+    Message,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OutState {
+    Queued,
+    InFlight(SendKind),
+}
+
+/// A message waiting for the server's OK.
+#[derive(Debug)]
+pub(crate) struct OutMsg {
+    pub(crate) seq: u64,
+    pub(crate) token: RequestToken,
+    pub(crate) body: Vec<u8>,
+    pub(crate) state: OutState,
+    pub(crate) retries: u32,
+}
+
+/// Sender state for one destination queue, shared by every app that sends to it: the queue
+/// accepts one sender key, so apps sending to the same URI must use the same one.
+#[derive(Debug)]
+pub(crate) struct SndQueue {
+    recipient_e2e: X25519PublicKey,
+    client_version: u16,
+    messaging: bool,
+    pub(crate) auth: QueueAuthKey,
+    e2e: X25519SecretKey,
+    e2e_secret: DhSecret,
+    pub(crate) secured: Secured,
+    pub(crate) confirmation: Confirmation,
+    pub(crate) outbox: VecDeque<OutMsg>,
+    /// Send one message at a time until the next OK (after an error that may recur).
+    pub(crate) cautious: bool,
+    pub(crate) retry_at: Option<Instant>,
+}
+
+impl SndQueue {
+    pub(crate) fn new<R: RngCore + CryptoRng>(
+        rng: &mut R,
+        uri: &QueueUri,
+        recipient_e2e: X25519PublicKey,
+    ) -> Self {
+        let e2e = X25519SecretKey::generate(rng);
+        let e2e_secret = e2e.diffie_hellman(&recipient_e2e);
+        Self {
+            recipient_e2e,
+            client_version: uri.client_versions.max.min(CLIENT_VERSION),
+            messaging: uri.queue_mode == Some(QueueMode::Messaging),
+            auth: QueueAuthKey::Ed25519(Ed25519SecretKey::generate(rng)),
+            e2e,
+            e2e_secret,
+            secured: Secured::No,
+            confirmation: Confirmation::NotSent,
+            outbox: VecDeque::new(),
+            cautious: false,
+            retry_at: None,
+        }
+    }
+
+    /// Whether a later URI names the same queue keys.
+    pub(crate) fn matches(&self, recipient_e2e: &X25519PublicKey) -> bool {
+        self.recipient_e2e == *recipient_e2e
+    }
+
+    /// The fast flow (SKEY, then a signed confirmation) needs a v9+ server and a messaging
+    /// queue whose recipient speaks client v3+; otherwise the recipient secures it (KEY).
+    pub(crate) fn fast_flow(&self, server_version: u16) -> bool {
+        server_version >= SND_AUTH_KEY
+            && self.messaging
+            && self.client_version >= SND_SECURE_CLIENT_VERSION
+    }
+
+    /// Seals the next message: the confirmation until the server accepted one, then normal
+    /// messages. Returns the SEND body and how it is sent.
+    pub(crate) fn seal<R: RngCore + CryptoRng>(
+        &self,
+        rng: &mut R,
+        fast: bool,
+        body: &[u8],
+    ) -> Result<(Vec<u8>, SendKind), E2eError> {
+        if self.confirmation == Confirmation::Confirmed {
+            let msg = ClientMessage {
+                header: PrivHeader::Empty,
+                body: body.to_vec(),
+            };
+            let env =
+                ClientMsgEnvelope::seal(rng, self.client_version, None, &self.e2e_secret, &msg)?;
+            return Ok((env.encode()?, SendKind::Message));
+        }
+        // In the legacy flow the confirmation carries our auth key so the recipient can KEY.
+        let header = if fast {
+            PrivHeader::Empty
+        } else {
+            PrivHeader::Confirmation(self.auth.public_key())
+        };
+        let msg = ClientMessage {
+            header,
+            body: body.to_vec(),
+        };
+        let env = ClientMsgEnvelope::seal_confirmation(
+            rng,
+            self.client_version,
+            &self.e2e,
+            &self.recipient_e2e,
+            &msg,
+        )?;
+        let kind = SendKind::Confirmation {
+            signed: fast,
+            after_unknown: self.confirmation == Confirmation::Unknown,
+        };
+        Ok((env.encode()?, kind))
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.outbox
+            .iter()
+            .filter(|m| matches!(m.state, OutState::InFlight(_)))
+            .count()
+    }
+
+    pub(crate) fn position(&self, seq: u64) -> Option<usize> {
+        self.outbox.iter().position(|m| m.seq == seq)
+    }
+
+    /// Forgets everything in flight after the connection died: the messages themselves are
+    /// failed by the caller, and what may have reached the server is re-checked next time.
+    pub(crate) fn reset_after_loss(&mut self) {
+        let confirmation_in_flight = self.outbox.iter().any(|m| {
+            matches!(
+                m.state,
+                OutState::InFlight(SendKind::Confirmation { .. })
+            )
+        });
+        if confirmation_in_flight {
+            self.confirmation = Confirmation::Unknown;
+        }
+        if self.secured == Secured::InFlight {
+            // SKEY with the same key is idempotent, so it is simply sent again.
+            self.secured = Secured::No;
+        }
+        self.cautious = false;
+        self.retry_at = None;
+    }
+}
