@@ -1,6 +1,8 @@
 //! Keeps the byte-level examples in `docs/ipc.md` true: every ```hexdump block must decode to
 //! one message that re-encodes to exactly the same bytes.
 
+#![allow(clippy::unwrap_used)] // a malformed doc should fail the test loudly
+
 use muxd_ipc_proto::*;
 
 /// Parses `hexdump -C` style lines: offset, up to 16 hex bytes, then `|ascii|`.

@@ -1,1 +1,30 @@
 //! The upstream pool of muxd (sans-IO).
+//!
+//! [`Pool`] holds one SMP connection per server and carries every app's queues over it:
+//! creating and deleting queues, securing and sending to other apps' queues with the
+//! per-queue end-to-end encryption, receiving, decrypting and keeping messages until the
+//! app acknowledges them.
+//!
+//! This crate does **no** IO, reads **no** clock and draws **no** randomness by itself. The
+//! daemon passes in app requests, transport events and blocks, the current `Instant` and an
+//! RNG, and carries out the [`Action`]s the pool asks for (connect, write a block, close,
+//! reply). It does not know the IPC wire types either: the daemon maps [`PoolRequest`],
+//! [`PoolReply`] and [`PoolError`] to and from them.
+
+mod config;
+mod error;
+mod mailbox;
+mod pool;
+mod queue;
+mod request;
+mod sender;
+mod server;
+
+pub use config::PoolConfig;
+pub use error::PoolError;
+pub use mailbox::{Mailbox, MemoryMailbox, REMEMBERED_ACKS, ReceivedMessage};
+pub use pool::{MAX_BODY_LEN, Pool};
+pub use request::{
+    Action, PoolEvent, PoolReply, PoolRequest, QueueInfo, RequestToken, Subscription,
+};
+pub use server::{ConnState, ServerKey, ServerStatus, Transport, TransportInfo};

@@ -50,7 +50,7 @@ pub(crate) enum Opened {
         ts: i64,
         body: Vec<u8>,
         /// A legacy confirmation: the recipient must secure the queue with this key.
-        secure_with: Option<PublicKey>,
+        secure_with: Option<Box<PublicKey>>,
     },
     /// Nothing usable; the reason is recorded on the queue.
     Undecryptable(String),
@@ -91,7 +91,7 @@ impl RcvQueue {
             }
         };
         let secure_with = match message.header {
-            PrivHeader::Confirmation(k) => Some(k),
+            PrivHeader::Confirmation(k) => Some(Box::new(k)),
             _ => None,
         };
         Opened::Message {

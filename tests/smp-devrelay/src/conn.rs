@@ -21,13 +21,13 @@ use rand_core::OsRng;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
+use crate::Shared;
 use crate::handshake::{ServerHandshake, ServerSession, offered_versions};
 use crate::proxy::ProxyState;
+use crate::server::Trigger;
 use crate::stats::Counters;
 use crate::store::{ConnId, NewQueueRequest};
-use crate::Shared;
 
 /// Every tag a client may send; anything else is `CMD UNKNOWN` rather than `CMD SYNTAX`.
 const COMMAND_TAGS: [&[u8]; 24] = [
@@ -37,12 +37,12 @@ const COMMAND_TAGS: [&[u8]; 24] = [
 ];
 
 /// Runs one accepted connection until the client leaves, it idles out, or the relay stops.
-pub(crate) async fn serve<S>(mut blocks: BlockStream<S>, shared: Arc<Shared>, cancel: CancellationToken)
+pub(crate) async fn serve<S>(mut blocks: BlockStream<S>, shared: Arc<Shared>, mut cancel: Trigger)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let session = tokio::select! {
-        () = cancel.cancelled() => return,
+        () = cancel.fired() => return,
         s = handshake(&mut blocks, &shared) => s,
     };
     let session = match session {
@@ -58,13 +58,18 @@ where
     Counters::inc(&shared.counters.open);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let conn = shared.store.lock().register(tx);
-    tracing::debug!(?conn, version = session.version, encrypted = session.cipher.is_some(), "SMP session up");
+    tracing::debug!(
+        ?conn,
+        version = session.version,
+        encrypted = session.cipher.is_some(),
+        "SMP session up"
+    );
     let mut session = Session::new(conn, session, shared.clone());
     let idle = shared.config.idle_timeout;
     let mut last_activity = Instant::now();
     loop {
         tokio::select! {
-            () = cancel.cancelled() => break,
+            () = cancel.fired() => break,
             block = blocks.read_block() => match block {
                 Ok(block) => {
                     last_activity = Instant::now();
@@ -112,7 +117,10 @@ enum SetupError {
     Timeout,
 }
 
-async fn handshake<S>(blocks: &mut BlockStream<S>, shared: &Shared) -> Result<ServerSession, SetupError>
+async fn handshake<S>(
+    blocks: &mut BlockStream<S>,
+    shared: &Shared,
+) -> Result<ServerSession, SetupError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -214,7 +222,10 @@ impl Session {
     }
 
     /// Writes every completed response block.
-    async fn write_to<S>(&mut self, blocks: &mut BlockStream<S>) -> Result<(), muxd_transport::TransportError>
+    async fn write_to<S>(
+        &mut self,
+        blocks: &mut BlockStream<S>,
+    ) -> Result<(), muxd_transport::TransportError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -235,7 +246,9 @@ impl Session {
             Some(c) => c.encrypt_block(&content).map_err(|e| e.to_string()),
             None => {
                 let mut b = Vec::with_capacity(muxd_smp::block::BLOCK_SIZE);
-                pad_block(&content, &mut b).map(|()| b).map_err(|e| e.to_string())
+                pad_block(&content, &mut b)
+                    .map(|()| b)
+                    .map_err(|e| e.to_string())
             }
         };
         match block {
@@ -338,8 +351,10 @@ impl Session {
             return self.push_err(corr, entity, ErrorType::Internal);
         };
         let result = match cmd {
-            Command::Ping => Ok(Response::Pong),
-            Command::Send { notification, body } => self.send(t, &authorized, notification, body, now),
+            Command::Ping => Ok(Response::Pong.into()),
+            Command::Send { notification, body } => {
+                self.send(t, &authorized, notification, body, now)
+            }
             Command::SKey(key) => self.skey(t, &authorized, &key),
             Command::New(_) | Command::NSub => self.no_queue_command(&cmd, t, &authorized),
             Command::Prxy { .. } | Command::PFwd { .. } | Command::RFwd(_) => {
@@ -390,7 +405,12 @@ impl Session {
         Ok(Response::Ok.into())
     }
 
-    fn skey(&mut self, t: &Transmission<'_>, authorized: &[u8], key: &[u8]) -> Result<Pushed, ErrorType> {
+    fn skey(
+        &mut self,
+        t: &Transmission<'_>,
+        authorized: &[u8],
+        key: &[u8],
+    ) -> Result<Pushed, ErrorType> {
         let key = auth_key(key)?;
         // SKEY is authorized by the very key it sets.
         if !self.verify(&key, t, authorized) {
@@ -510,8 +530,13 @@ impl Session {
         }
     }
 
-    async fn proxy_command(&mut self, cmd: Command, t: &Transmission<'_>) -> Result<Pushed, ErrorType> {
-        let response = crate::proxy::handle(&mut self.proxy, &self.shared, self.version, cmd, t).await?;
+    async fn proxy_command(
+        &mut self,
+        cmd: Command,
+        t: &Transmission<'_>,
+    ) -> Result<Pushed, ErrorType> {
+        let response =
+            crate::proxy::handle(&mut self.proxy, &self.shared, self.version, cmd, t).await?;
         Ok(response.into())
     }
 }

@@ -26,13 +26,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use muxd_smp::cert::{KeyHash, SignatureAlgorithm};
 use muxd_transport::server::ServerIdentity;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio::sync::{mpsc, watch};
 
 mod conn;
 mod handshake;
@@ -174,10 +173,12 @@ pub struct RelayHandle {
     shared: Arc<Shared>,
     local_addr: SocketAddr,
     ws_addr: Option<SocketAddr>,
-    cancel: CancellationToken,
-    /// Parent of every connection's token; replaced by [`RelayHandle::disconnect_all`].
-    conns: Arc<Mutex<CancellationToken>>,
-    tracker: TaskTracker,
+    /// Stops the accept loops (on send, or when dropped).
+    stop: watch::Sender<u64>,
+    /// Bumped to drop every connection open at that moment.
+    kick: watch::Sender<u64>,
+    /// Every task holds a sender; `recv` returns `None` once all have ended.
+    done: mpsc::Receiver<()>,
 }
 
 impl RelayHandle {
@@ -232,26 +233,18 @@ impl RelayHandle {
     /// Drops every client connection now (the listeners keep accepting): a server-side
     /// network failure for reconnection tests.
     pub fn disconnect_all(&self) {
-        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
-        conns.cancel();
-        *conns = self.cancel.child_token();
+        self.kick.send_modify(|n| *n += 1);
     }
 
     /// Stops accepting, closes every connection and waits (up to 5 s) for the tasks to end.
-    pub async fn shutdown(self) {
-        self.cancel.cancel();
-        self.tracker.close();
-        if tokio::time::timeout(Duration::from_secs(5), self.tracker.wait())
+    pub async fn shutdown(mut self) {
+        self.stop.send_modify(|n| *n += 1);
+        self.kick.send_modify(|n| *n += 1);
+        if tokio::time::timeout(Duration::from_secs(5), self.done.recv())
             .await
             .is_err()
         {
             tracing::warn!("relay tasks did not stop within 5 s");
         }
-    }
-}
-
-impl Drop for RelayHandle {
-    fn drop(&mut self) {
-        self.cancel.cancel();
     }
 }

@@ -2,12 +2,11 @@
 //! a connection task.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use muxd_transport::server::{Acceptor, ServerOptions};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio::sync::{mpsc, watch};
 
 use crate::stats::Counters;
 use crate::{RelayError, RelayHandle, Shared, conn};
@@ -27,28 +26,28 @@ pub(crate) async fn start(shared: Arc<Shared>) -> Result<RelayHandle, RelayError
     };
     let ws_addr = ws.as_ref().map(|(_, a)| *a);
 
-    let cancel = CancellationToken::new();
-    let conns = Arc::new(Mutex::new(cancel.child_token()));
-    let tracker = TaskTracker::new();
+    let (stop, stop_rx) = watch::channel(0u64);
+    let (kick, kick_rx) = watch::channel(0u64);
+    let (done_tx, done) = mpsc::channel(1);
     let ctx = AcceptContext {
         acceptor,
         shared: shared.clone(),
-        cancel: cancel.clone(),
-        conns: conns.clone(),
-        tracker: tracker.clone(),
+        stop: Trigger::new(stop_rx),
+        kick: kick_rx,
+        done: done_tx,
     };
     if let Some((l, _)) = ws {
-        tracker.spawn(accept_loop(l, ctx.clone(), true));
+        tokio::spawn(accept_loop(l, ctx.clone(), true));
     }
-    tracker.spawn(accept_loop(listener, ctx, false));
+    tokio::spawn(accept_loop(listener, ctx, false));
     tracing::info!(%local_addr, ?ws_addr, key_hash = %shared.identity.key_hash(), "SMP relay listening");
     Ok(RelayHandle {
         shared,
         local_addr,
         ws_addr,
-        cancel,
-        conns,
-        tracker,
+        stop,
+        kick,
+        done,
     })
 }
 
@@ -63,19 +62,38 @@ fn local(l: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, RelayError> {
         .map_err(|source| RelayError::Bind { addr, source })
 }
 
+/// Fires once its watch channel changes after creation, or its sender is dropped (so a
+/// dropped [`RelayHandle`] stops everything).
+#[derive(Debug, Clone)]
+pub(crate) struct Trigger(watch::Receiver<u64>);
+
+impl Trigger {
+    fn new(mut rx: watch::Receiver<u64>) -> Self {
+        // Only changes from now on count.
+        rx.borrow_and_update();
+        Self(rx)
+    }
+
+    /// Waits for the next change (or the sender's end).
+    pub(crate) async fn fired(&mut self) {
+        let _ = self.0.changed().await;
+    }
+}
+
 #[derive(Debug, Clone)]
 struct AcceptContext {
     acceptor: Acceptor,
     shared: Arc<Shared>,
-    cancel: CancellationToken,
-    conns: Arc<Mutex<CancellationToken>>,
-    tracker: TaskTracker,
+    stop: Trigger,
+    kick: watch::Receiver<u64>,
+    /// Held by every task so that shutdown can wait for all of them.
+    done: mpsc::Sender<()>,
 }
 
-async fn accept_loop(listener: TcpListener, ctx: AcceptContext, websocket: bool) {
+async fn accept_loop(listener: TcpListener, mut ctx: AcceptContext, websocket: bool) {
     loop {
         let (tcp, peer) = tokio::select! {
-            () = ctx.cancel.cancelled() => break,
+            () = ctx.stop.fired() => break,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -88,14 +106,12 @@ async fn accept_loop(listener: TcpListener, ctx: AcceptContext, websocket: bool)
         };
         Counters::inc(&ctx.shared.counters.accepted);
         let _ = tcp.set_nodelay(true);
-        let token = ctx
-            .conns
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let mut token = Trigger::new(ctx.kick.clone());
         let acceptor = ctx.acceptor.clone();
         let shared = ctx.shared.clone();
-        ctx.tracker.spawn(async move {
+        let done = ctx.done.clone();
+        tokio::spawn(async move {
+            let _done = done;
             let setup = async {
                 let tls = acceptor.accept(tcp).await?;
                 if websocket {
@@ -105,7 +121,7 @@ async fn accept_loop(listener: TcpListener, ctx: AcceptContext, websocket: bool)
                 }
             };
             let blocks = tokio::select! {
-                () = token.cancelled() => return,
+                () = token.fired() => return,
                 r = tokio::time::timeout(shared.config.handshake_timeout, setup) => r,
             };
             match blocks {

@@ -6,7 +6,7 @@
 //! connections (END, DELD, pushed MSGs) go out through each connection's event channel while
 //! the lock is held, which keeps them ordered with the state change that caused them.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use muxd_smp::command::{QueueIds, QueueMode, Response};
@@ -114,10 +114,10 @@ impl Store {
     pub(crate) fn new(quota: usize, log: Option<StoreLog>) -> Self {
         Self {
             inner: Mutex::new(StoreInner {
-                queues: HashMap::new(),
-                by_snd: HashMap::new(),
-                by_ntf: HashMap::new(),
-                conns: HashMap::new(),
+                queues: BTreeMap::new(),
+                by_snd: BTreeMap::new(),
+                by_ntf: BTreeMap::new(),
+                conns: BTreeMap::new(),
                 next_conn: 0,
                 quota: quota.max(1),
                 log,
@@ -135,10 +135,10 @@ impl Store {
 /// The store's state; all queue operations are methods here, called under the lock.
 #[derive(Debug)]
 pub(crate) struct StoreInner {
-    queues: HashMap<Vec<u8>, Queue>,
-    by_snd: HashMap<Vec<u8>, Vec<u8>>,
-    by_ntf: HashMap<Vec<u8>, Vec<u8>>,
-    conns: HashMap<ConnId, ConnEntry>,
+    queues: BTreeMap<Vec<u8>, Queue>,
+    by_snd: BTreeMap<Vec<u8>, Vec<u8>>,
+    by_ntf: BTreeMap<Vec<u8>, Vec<u8>>,
+    conns: BTreeMap<ConnId, ConnEntry>,
     next_conn: u64,
     quota: usize,
     log: Option<StoreLog>,

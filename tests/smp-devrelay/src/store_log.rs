@@ -82,7 +82,9 @@ impl StoreLog {
                     }
                     match serde_json::from_str(&line) {
                         Ok(r) => records.push(r),
-                        Err(e) => tracing::warn!(line = n + 1, error = %e, "store log: record skipped"),
+                        Err(e) => {
+                            tracing::warn!(line = n + 1, error = %e, "store log: record skipped")
+                        }
                     }
                 }
             }
@@ -139,7 +141,9 @@ mod b64_opt {
         }
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Vec<u8>>, D::Error> {
         Option::<String>::deserialize(d)?
             .map(|s| base64url_decode(&s).map_err(serde::de::Error::custom))
             .transpose()

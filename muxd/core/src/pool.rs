@@ -1,0 +1,1295 @@
+//! The pool: every upstream server connection, every app's queues, and the rules that tie
+//! them together. See [`Pool`] for the call order.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Instant;
+
+use muxd_smp::address::{QueueUri, SmpServer, VersionRange};
+use muxd_smp::block::BLOCK_SIZE;
+use muxd_smp::cert::KeyHash;
+use muxd_smp::command::{Command, NewQueue, QueueIds, QueueRequest, Response, SubscriptionMode};
+use muxd_smp::connection::{CommandError, Connection, Event, ServerIdentity};
+use muxd_smp::crypto::QueueAuthKey;
+use muxd_smp::e2e::E2E_CONFIRMATION_PAD;
+use muxd_smp::encoding::base64url_encode;
+use muxd_smp::error::ErrorType;
+use muxd_smp::keys::{Ed25519SecretKey, X25519PublicKey, X25519SecretKey};
+use rand_core::{CryptoRng, RngCore};
+
+use crate::config::PoolConfig;
+use crate::error::PoolError;
+use crate::mailbox::{Mailbox, MemoryMailbox, ReceivedMessage};
+use crate::queue::{NewQueueKeys, Opened, RcvQueue};
+use crate::request::{
+    Action, PoolEvent, PoolReply, PoolRequest, QueueInfo, RequestToken, Subscription,
+};
+use crate::sender::{Confirmation, DestKey, OutMsg, OutState, Secured, SendKind, SndQueue};
+use crate::server::{
+    ConnState, Deferred, Pending, Server, ServerKey, ServerStatus, Transport, TransportInfo,
+};
+
+/// The longest message body an app may send.
+///
+/// The first message to a queue travels as the confirmation, whose envelope is padded to
+/// 15904 bytes and, in the legacy flow, also carries `'K' ss(44-byte key)`; less the 2-byte
+/// padding length that leaves 15856 bytes. Later messages could be a little longer, but one
+/// limit for every message keeps a send from failing only because it happened to be first.
+pub const MAX_BODY_LEN: usize = E2E_CONFIRMATION_PAD - 2 - 2 - 44;
+
+/// The SMP client versions our queue URIs offer (`v=2-4`: every host in the authority,
+/// sender may secure, short-link aware).
+const URI_CLIENT_VERSIONS: VersionRange = VersionRange { min: 2, max: 4 };
+
+/// The upstream pool (sans-IO): one SMP connection per server carries the queues of every app.
+///
+/// Methods fall into four groups, as in quinn's `Connection`:
+/// - input: [`handle_request`](Self::handle_request) for app requests,
+///   [`handle_connected`](Self::handle_connected) once a transport asked for by
+///   [`Action::Connect`] is up, [`handle_block`](Self::handle_block) for every block read
+///   from it, [`handle_disconnected`](Self::handle_disconnected) when it fails or closes, and
+///   [`handle_timeout`](Self::handle_timeout) when the deadline from `poll_timeout` passes;
+/// - local app operations answered at once: [`queues`](Self::queues),
+///   [`messages`](Self::messages), [`ack`](Self::ack);
+/// - getters: [`status`](Self::status), [`mailbox`](Self::mailbox);
+/// - output: [`poll_action`](Self::poll_action) and [`poll_timeout`](Self::poll_timeout).
+///
+/// After any input the driver calls `poll_action` until it returns `None`, carrying out each
+/// action in order (blocks of one server must be written in the order given), then re-arms
+/// its timer from `poll_timeout`. `now` must not go backwards between calls. Time and
+/// randomness come in as arguments; the pool reads no clock and does no IO.
+///
+/// Requests that need a server that is not connected ask for [`Action::Connect`] and wait,
+/// bounded by [`PoolConfig::max_pending_per_server`]. A failed connection fails what waits
+/// for it with the reason, and the server's status shows `failed` with that error. There is
+/// no automatic reconnection: the next request that needs the server connects again, and
+/// then the queues that were subscribed are subscribed again.
+#[derive(Debug)]
+pub struct Pool<M: Mailbox = MemoryMailbox> {
+    config: PoolConfig,
+    servers: BTreeMap<ServerKey, Server>,
+    /// The apps' queues by queue id.
+    queues: BTreeMap<String, RcvQueue>,
+    /// Sender state per destination queue.
+    senders: BTreeMap<DestKey, SndQueue>,
+    mailbox: M,
+    actions: VecDeque<Action>,
+    next_seq: u64,
+}
+
+impl Pool<MemoryMailbox> {
+    /// A pool with no servers whose received messages wait in memory.
+    pub fn new(config: PoolConfig) -> Self {
+        Self::with_mailbox(config, MemoryMailbox::new())
+    }
+}
+
+impl<M: Mailbox> Pool<M> {
+    /// A pool storing received messages in `mailbox`.
+    pub fn with_mailbox(config: PoolConfig, mailbox: M) -> Self {
+        Self {
+            config,
+            servers: BTreeMap::new(),
+            queues: BTreeMap::new(),
+            senders: BTreeMap::new(),
+            mailbox,
+            actions: VecDeque::new(),
+            next_seq: 1,
+        }
+    }
+
+    /// The message store.
+    pub fn mailbox(&self) -> &M {
+        &self.mailbox
+    }
+
+    /// One entry per server the pool knows, in a stable order.
+    pub fn status(&self) -> Vec<ServerStatus> {
+        self.servers
+            .iter()
+            .map(|(key, s)| ServerStatus {
+                server: key.clone(),
+                profile: "smp",
+                state: s.state,
+                since: s.since,
+                last_error: s.last_error.clone(),
+                queues: self.queues.values().filter(|q| q.server == *key).count()
+                    + self.senders.keys().filter(|d| d.server == *key).count(),
+            })
+            .collect()
+    }
+
+    /// The queues `app` owns, by queue id.
+    pub fn queues(&self, app: &str) -> Vec<QueueInfo> {
+        self.queues
+            .iter()
+            .filter(|(_, q)| q.app == app)
+            .map(|(id, q)| self.info(id, q))
+            .collect()
+    }
+
+    /// Up to `max` (all when `None`) messages waiting in one of `app`'s queues, oldest first.
+    /// They stay until [`ack`](Self::ack)ed.
+    pub fn messages(
+        &self,
+        app: &str,
+        queue_id: &str,
+        max: Option<usize>,
+    ) -> Result<Vec<ReceivedMessage>, PoolError> {
+        self.owned(app, queue_id)?;
+        Ok(self.mailbox.peek(queue_id, max.unwrap_or(usize::MAX)))
+    }
+
+    /// The app has message `msg_id`: forget it.
+    pub fn ack(&mut self, app: &str, queue_id: &str, msg_id: &str) -> Result<(), PoolError> {
+        self.owned(app, queue_id)?;
+        if self.mailbox.remove(queue_id, msg_id) {
+            Ok(())
+        } else {
+            Err(PoolError::NotFound(format!("message {msg_id}")))
+        }
+    }
+
+    fn owned(&self, app: &str, queue_id: &str) -> Result<&RcvQueue, PoolError> {
+        self.queues
+            .get(queue_id)
+            .filter(|q| q.app == app)
+            .ok_or_else(|| PoolError::NotFound(format!("queue {queue_id}")))
+    }
+
+    fn info(&self, id: &str, q: &RcvQueue) -> QueueInfo {
+        QueueInfo {
+            queue_id: id.to_owned(),
+            server: q.server.clone(),
+            queue_uri: q.uri.clone(),
+            waiting: self.mailbox.count(id),
+            subscription: q.subscription,
+            last_error: q.last_error.clone(),
+        }
+    }
+
+    /// The next thing for the driver to do.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) should be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let servers = self.servers.values().flat_map(|s| {
+            [
+                s.connect_deadline,
+                s.conn.as_ref().and_then(Connection::poll_timeout),
+            ]
+        });
+        let senders = self.senders.values().map(|s| s.retry_at);
+        servers.chain(senders).flatten().min()
+    }
+
+    /// Takes a request from `app`; its answer comes as [`Action::Reply`] with `token`.
+    pub fn handle_request<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+        app: &str,
+        token: RequestToken,
+        request: PoolRequest,
+    ) {
+        let result = match request {
+            PoolRequest::CreateQueue { server, websocket } => {
+                self.create_queue(now, rng, app, token, &server, websocket)
+            }
+            PoolRequest::DeleteQueue { queue_id } => {
+                self.delete_queue(now, rng, app, token, queue_id)
+            }
+            PoolRequest::Send { queue_uri, body } => {
+                self.send(now, rng, token, &queue_uri, body)
+            }
+        };
+        if let Err(e) = result {
+            self.reply(token, Err(e));
+        }
+        self.drive_all(now, rng);
+    }
+
+    /// The transport asked for by [`Action::Connect`] is up: the SMP handshake starts (the
+    /// server speaks first, so nothing is sent until its first block arrives).
+    pub fn handle_connected<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+        server: &ServerKey,
+        transport: TransportInfo,
+    ) {
+        let Some(s) = self.servers.get_mut(server) else {
+            self.actions.push_back(Action::Disconnect {
+                server: server.clone(),
+            });
+            return;
+        };
+        if s.state != ConnState::Connecting {
+            // The attempt was given up (timeout) before the transport came up.
+            self.actions.push_back(Action::Disconnect {
+                server: server.clone(),
+            });
+            return;
+        }
+        let identity = ServerIdentity {
+            key_hash: s.key_hash,
+            tls_leaf_key: transport.tls_leaf_key,
+            tls_session_id: transport.tls_session_id,
+        };
+        s.conn = Some(Connection::new(
+            now,
+            self.config.connection.clone(),
+            identity,
+            rng,
+        ));
+        s.connect_deadline = None;
+        self.set_state(now, server, ConnState::Handshaking);
+        self.drive_all(now, rng);
+    }
+
+    /// One 16384-byte block read from `server`'s transport.
+    pub fn handle_block<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+        server: &ServerKey,
+        block: &[u8],
+    ) {
+        if let Some(conn) = self.servers.get_mut(server).and_then(|s| s.conn.as_mut()) {
+            conn.handle_input(now, block);
+        }
+        self.drive_all(now, rng);
+    }
+
+    /// `server`'s transport failed to connect, or broke: everything that waited for it fails
+    /// with `reason`.
+    pub fn handle_disconnected(&mut self, now: Instant, server: &ServerKey, reason: String) {
+        let live = self.servers.get(server).is_some_and(|s| {
+            matches!(
+                s.state,
+                ConnState::Connecting | ConnState::Handshaking | ConnState::Up
+            )
+        });
+        if live {
+            self.lost(now, server, reason);
+        }
+    }
+
+    /// Fires what is due at `now`: connect and command timeouts, keep-alives, send retries.
+    pub fn handle_timeout<R: RngCore + CryptoRng>(&mut self, now: Instant, rng: &mut R) {
+        let keys: Vec<ServerKey> = self.servers.keys().cloned().collect();
+        for key in &keys {
+            let Some(s) = self.servers.get_mut(key) else {
+                continue;
+            };
+            if s.connect_deadline.is_some_and(|d| d <= now) {
+                let reason = format!(
+                    "connection not established within {}s",
+                    self.config.connect_timeout.as_secs()
+                );
+                self.lost(now, key, reason);
+                self.actions.push_back(Action::Disconnect { server: key.clone() });
+                continue;
+            }
+            if let Some(conn) = s.conn.as_mut()
+                && conn.poll_timeout().is_some_and(|t| t <= now)
+            {
+                conn.handle_timeout(now, rng);
+            }
+        }
+        let due: Vec<DestKey> = self
+            .senders
+            .iter_mut()
+            .filter(|(_, s)| s.retry_at.is_some_and(|t| t <= now))
+            .map(|(k, s)| {
+                s.retry_at = None;
+                k.clone()
+            })
+            .collect();
+        for dest in &due {
+            self.pump(now, rng, dest);
+        }
+        self.drive_all(now, rng);
+    }
+
+    // ---- requests ----
+
+    fn create_queue<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+        app: &str,
+        token: RequestToken,
+        server: &str,
+        websocket: bool,
+    ) -> Result<(), PoolError> {
+        let mut address: SmpServer = server
+            .parse()
+            .map_err(|e| PoolError::InvalidArgument(format!("server address {server:?}: {e}")))?;
+        let basic_auth = address.basic_auth.take();
+        let transport = if websocket {
+            Transport::WebSocket
+        } else {
+            Transport::Tls
+        };
+        let key = self.server_entry(now, &address, transport)?;
+        self.check_capacity(&key)?;
+        if let Some(s) = self.servers.get_mut(&key) {
+            s.deferred.push_back(Deferred::Create {
+                app: app.to_owned(),
+                token,
+                basic_auth,
+            });
+        }
+        self.connect_or_run(now, rng, &key);
+        Ok(())
+    }
+
+    fn delete_queue<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+        app: &str,
+        token: RequestToken,
+        queue_id: String,
+    ) -> Result<(), PoolError> {
+        let q = self.owned(app, &queue_id)?;
+        if q.subscription == Subscription::Gone {
+            // The server already deleted it; there is nothing to tell the server.
+            self.forget(&queue_id);
+            self.reply(token, Ok(PoolReply::Deleted));
+            return Ok(());
+        }
+        let key = q.server.clone();
+        self.check_capacity(&key)?;
+        if let Some(s) = self.servers.get_mut(&key) {
+            s.deferred.push_back(Deferred::Delete { token, queue_id });
+        }
+        self.connect_or_run(now, rng, &key);
+        Ok(())
+    }
+
+    fn send<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+        token: RequestToken,
+        queue_uri: &str,
+        body: Vec<u8>,
+    ) -> Result<(), PoolError> {
+        if body.len() > MAX_BODY_LEN {
+            return Err(PoolError::InvalidArgument(format!(
+                "message of {} bytes exceeds {MAX_BODY_LEN}",
+                body.len()
+            )));
+        }
+        let mut uri: QueueUri = queue_uri
+            .parse()
+            .map_err(|e| PoolError::InvalidArgument(format!("queue URI: {e}")))?;
+        let recipient = X25519PublicKey::from_spki(&uri.dh_key)
+            .map_err(|e| PoolError::InvalidArgument(format!("queue URI dh key: {e}")))?;
+        uri.server.basic_auth = None;
+        // A sender's URI does not say how to reach the server: reuse a WebSocket connection
+        // when that is the only one the pool has to it, else TLS.
+        let tls = ServerKey::new(&uri.server, Transport::Tls);
+        let ws = ServerKey::new(&uri.server, Transport::WebSocket);
+        let transport = if !self.servers.contains_key(&tls) && self.servers.contains_key(&ws) {
+            Transport::WebSocket
+        } else {
+            Transport::Tls
+        };
+        let key = self.server_entry(now, &uri.server, transport)?;
+        self.check_capacity(&key)?;
+        let dest = DestKey {
+            server: key.clone(),
+            sender_id: uri.sender_id.clone(),
+        };
+        let sender = self
+            .senders
+            .entry(dest)
+            .or_insert_with(|| SndQueue::new(rng, &uri, recipient));
+        if !sender.matches(&recipient) {
+            return Err(PoolError::InvalidArgument(
+                "queue URI has a different dh key than earlier sends to this queue".to_owned(),
+            ));
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        sender.outbox.push_back(OutMsg {
+            seq,
+            token,
+            body,
+            state: OutState::Queued,
+            retries: 0,
+        });
+        self.connect_or_run(now, rng, &key);
+        Ok(())
+    }
+
+    /// The server's entry, created (idle) on first use.
+    fn server_entry(
+        &mut self,
+        now: Instant,
+        address: &SmpServer,
+        transport: Transport,
+    ) -> Result<ServerKey, PoolError> {
+        let key_hash: [u8; 32] = address.key_hash.as_slice().try_into().map_err(|_| {
+            PoolError::InvalidArgument(format!(
+                "server keyHash must be 32 bytes, got {}",
+                address.key_hash.len()
+            ))
+        })?;
+        let key = ServerKey::new(address, transport);
+        self.servers
+            .entry(key.clone())
+            .or_insert_with(|| Server::new(now, address, KeyHash::from_bytes(key_hash)));
+        Ok(key)
+    }
+
+    fn check_capacity(&self, key: &ServerKey) -> Result<(), PoolError> {
+        let Some(s) = self.servers.get(key) else {
+            return Ok(());
+        };
+        let commands = s
+            .commands
+            .values()
+            .filter(|p| matches!(p, Pending::New(_) | Pending::Del { .. }))
+            .count();
+        let outbox: usize = self
+            .senders
+            .iter()
+            .filter(|(d, _)| d.server == *key)
+            .map(|(_, q)| q.outbox.len())
+            .sum();
+        if s.deferred.len() + commands + outbox >= self.config.max_pending_per_server {
+            return Err(PoolError::upstream(
+                key,
+                format!(
+                    "too many pending requests (limit {})",
+                    self.config.max_pending_per_server
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Works off the server's waiting requests when it is up, else asks for a connection.
+    fn connect_or_run<R: RngCore + CryptoRng>(&mut self, now: Instant, rng: &mut R, key: &ServerKey) {
+        let Some(s) = self.servers.get_mut(key) else {
+            return;
+        };
+        match s.state {
+            ConnState::Up => self.run_waiting(now, rng, key),
+            ConnState::Connecting | ConnState::Handshaking => {}
+            ConnState::Idle | ConnState::Failed => {
+                s.connect_deadline = Some(now + self.config.connect_timeout);
+                self.actions.push_back(Action::Connect {
+                    server: key.clone(),
+                    host: s.host.clone(),
+                    port: s.port,
+                    key_hash: s.key_hash,
+                    websocket: key.transport() == Transport::WebSocket,
+                });
+                self.set_state(now, key, ConnState::Connecting);
+            }
+        }
+    }
+
+    /// Sends what waited for the server: queue creations and deletions, then messages.
+    fn run_waiting<R: RngCore + CryptoRng>(&mut self, now: Instant, rng: &mut R, key: &ServerKey) {
+        while let Some(d) = self
+            .servers
+            .get_mut(key)
+            .and_then(|s| s.deferred.pop_front())
+        {
+            match d {
+                Deferred::Create {
+                    app,
+                    token,
+                    basic_auth,
+                } => self.send_new(now, rng, key, app, token, basic_auth),
+                Deferred::Delete { token, queue_id } => {
+                    self.send_del(now, rng, key, token, queue_id);
+                }
+            }
+        }
+        let dests: Vec<DestKey> = self
+            .senders
+            .keys()
+            .filter(|d| d.server == *key)
+            .cloned()
+            .collect();
+        for dest in &dests {
+            self.pump(now, rng, dest);
+        }
+    }
+
+    fn send_new<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+        key: &ServerKey,
+        app: String,
+        token: RequestToken,
+        basic_auth: Option<String>,
+    ) {
+        let keys = NewQueueKeys {
+            app,
+            token,
+            rcv_auth: Ed25519SecretKey::generate(rng),
+            rcv_dh: X25519SecretKey::generate(rng),
+            e2e: X25519SecretKey::generate(rng),
+        };
+        let command = Command::New(NewQueue {
+            rcv_auth_key: keys.rcv_auth.public_key().to_spki(),
+            rcv_dh_key: keys.rcv_dh.public_key().to_spki(),
+            basic_auth: basic_auth.map(String::into_bytes),
+            sub_mode: SubscriptionMode::Subscribe,
+            // A messaging queue lets the sender secure it (SKEY) at v9+; older servers
+            // ignore the field.
+            queue_request: Some(QueueRequest::Messaging(None)),
+            ntf_creds: None,
+        });
+        let auth = QueueAuthKey::Ed25519(keys.rcv_auth.clone());
+        if let Err(e) = command_on(
+            &mut self.servers,
+            now,
+            rng,
+            key,
+            b"",
+            &command,
+            Some(&auth),
+            Pending::New(Box::new(keys)),
+        ) {
+            self.reply(token, Err(PoolError::upstream(key, format!("NEW: {e}"))));
+        }
+    }
+
+    fn send_del<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+        key: &ServerKey,
+        token: RequestToken,
+        queue_id: String,
+    ) {
+        let Some(q) = self.queues.get(&queue_id) else {
+            self.reply(token, Err(PoolError::NotFound(format!("queue {queue_id}"))));
+            return;
+        };
+        let result = command_on(
+            &mut self.servers,
+            now,
+            rng,
+            key,
+            &q.rcv_id,
+            &Command::Del,
+            Some(&q.rcv_auth),
+            Pending::Del { token, queue_id },
+        );
+        if let Err(e) = result {
+            self.reply(token, Err(PoolError::upstream(key, format!("DEL: {e}"))));
+        }
+    }
+
+    /// Sends what the destination's window allows: SKEY first in the fast flow, then the
+    /// confirmation alone, then messages in order.
+    fn pump<R: RngCore + CryptoRng>(&mut self, now: Instant, rng: &mut R, dest: &DestKey) {
+        let Some(version) = self
+            .servers
+            .get(&dest.server)
+            .filter(|s| s.state == ConnState::Up)
+            .and_then(|s| s.conn.as_ref())
+            .and_then(Connection::version)
+        else {
+            return;
+        };
+        let Some(s) = self.senders.get_mut(dest) else {
+            return;
+        };
+        if s.outbox.is_empty() || s.retry_at.is_some_and(|t| t > now) {
+            return;
+        }
+        let fast = s.fast_flow(version);
+        if s.confirmation != Confirmation::Confirmed && fast {
+            match s.secured {
+                Secured::Yes => {}
+                Secured::InFlight => return,
+                Secured::No => {
+                    let command = Command::SKey(s.auth.public_key().to_spki());
+                    let pending = Pending::SKey { dest: dest.clone() };
+                    let sent = command_on(
+                        &mut self.servers,
+                        now,
+                        rng,
+                        &dest.server,
+                        &dest.sender_id,
+                        &command,
+                        Some(&s.auth),
+                        pending,
+                    );
+                    match sent {
+                        Ok(()) => s.secured = Secured::InFlight,
+                        Err(e) => {
+                            let error = PoolError::upstream(&dest.server, format!("SKEY: {e}"));
+                            self.fail_outbox(dest, &error);
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+        // One message at a time while the outcome of the previous one decides how the next
+        // is sent (confirmation, recipient not yet secured, retry after an error).
+        let window = if s.confirmation != Confirmation::Confirmed || s.cautious {
+            1
+        } else {
+            self.config.send_window.max(1)
+        };
+        let mut in_flight = s.in_flight();
+        let mut failed = Vec::new();
+        for i in 0..s.outbox.len() {
+            if in_flight >= window {
+                break;
+            }
+            let msg = &s.outbox[i];
+            if msg.state != OutState::Queued {
+                continue;
+            }
+            let (body, kind) = match s.seal(rng, fast, &msg.body) {
+                Ok(sealed) => sealed,
+                Err(e) => {
+                    failed.push((msg.seq, format!("sealing the message: {e}")));
+                    continue;
+                }
+            };
+            let signed = !matches!(kind, SendKind::Confirmation { signed: false, .. });
+            let command = Command::Send {
+                notification: true,
+                body,
+            };
+            let pending = Pending::Send {
+                dest: dest.clone(),
+                seq: msg.seq,
+            };
+            let sent = command_on(
+                &mut self.servers,
+                now,
+                rng,
+                &dest.server,
+                &dest.sender_id,
+                &command,
+                signed.then_some(&s.auth),
+                pending,
+            );
+            match sent {
+                Ok(()) => {
+                    s.outbox[i].state = OutState::InFlight(kind);
+                    in_flight += 1;
+                    if matches!(kind, SendKind::Confirmation { .. }) {
+                        break;
+                    }
+                }
+                Err(e) => failed.push((s.outbox[i].seq, format!("SEND: {e}"))),
+            }
+        }
+        for (seq, reason) in failed {
+            let error = PoolError::upstream(&dest.server, reason);
+            self.fail_message(dest, seq, error);
+        }
+    }
+
+    // ---- connection events ----
+
+    /// Processes every connection's events, then collects the blocks they want to send.
+    fn drive_all<R: RngCore + CryptoRng>(&mut self, now: Instant, rng: &mut R) {
+        let keys: Vec<ServerKey> = self.servers.keys().cloned().collect();
+        for key in &keys {
+            while let Some(event) = self
+                .servers
+                .get_mut(key)
+                .and_then(|s| s.conn.as_mut())
+                .and_then(Connection::poll_event)
+            {
+                self.on_event(now, rng, key, event);
+            }
+            let Some(conn) = self.servers.get_mut(key).and_then(|s| s.conn.as_mut()) else {
+                continue;
+            };
+            loop {
+                let mut block = Vec::with_capacity(BLOCK_SIZE);
+                if conn.poll_transmit(now, &mut block).is_none() {
+                    break;
+                }
+                self.actions.push_back(Action::Transmit {
+                    server: key.clone(),
+                    block,
+                });
+            }
+        }
+    }
+
+    fn on_event<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+        key: &ServerKey,
+        event: Event,
+    ) {
+        match event {
+            Event::Connected { version, .. } => {
+                tracing::debug!(server = %key, version, "SMP connection up");
+                self.set_state(now, key, ConnState::Up);
+                self.on_up(now, rng, key);
+            }
+            Event::Response {
+                corr_id, result, ..
+            } => {
+                // A closing connection answers its commands with ConnectionClosed first; what
+                // they were for is failed once, by `lost`, from the command table.
+                if matches!(result, Err(CommandError::ConnectionClosed)) {
+                    return;
+                }
+                let pending = self
+                    .servers
+                    .get_mut(key)
+                    .and_then(|s| s.commands.remove(&corr_id));
+                if let Some(pending) = pending {
+                    self.on_response(now, rng, key, pending, result);
+                }
+            }
+            Event::ServerEvent {
+                entity_id,
+                response,
+            } => match response {
+                Response::Msg { msg_id, body } => {
+                    self.on_msg(now, rng, key, &entity_id, &msg_id, &body);
+                }
+                Response::End => self.set_subscription(key, &entity_id, Subscription::Ended, None),
+                Response::Deld => {
+                    let reason = Some("deleted on the server".to_owned());
+                    self.set_subscription(key, &entity_id, Subscription::Gone, reason);
+                }
+                other => tracing::debug!(server = %key, ?other, "ignored server event"),
+            },
+            Event::Unexpected { response, .. } => {
+                tracing::debug!(server = %key, ?response, "response to no command in flight");
+            }
+            Event::BadBlock(fault) => tracing::warn!(server = %key, %fault, "bad block"),
+            Event::Closed(error) => {
+                let reason = error.map_or_else(|| "connection closed".to_owned(), |e| e.to_string());
+                self.lost(now, key, reason);
+                self.actions.push_back(Action::Disconnect { server: key.clone() });
+            }
+            other => tracing::debug!(server = %key, ?other, "ignored connection event"),
+        }
+    }
+
+    /// The handshake is done: restore subscriptions and pending KEYs, then run what waited.
+    fn on_up<R: RngCore + CryptoRng>(&mut self, now: Instant, rng: &mut R, key: &ServerKey) {
+        let mut commands = Vec::new();
+        for (id, q) in self.queues.iter().filter(|(_, q)| q.server == *key) {
+            if q.subscription == Subscription::Pending {
+                commands.push((id.clone(), Command::Sub));
+            }
+            if let Some(k) = q.sender_key.as_ref().filter(|_| !q.secured) {
+                commands.push((id.clone(), Command::Key(k.to_spki())));
+            }
+        }
+        for (queue_id, command) in commands {
+            self.queue_command(now, rng, key, &queue_id, &command);
+        }
+        self.run_waiting(now, rng, key);
+    }
+
+    /// Sends a recipient command (SUB, KEY, ACK) for one of the apps' queues.
+    fn queue_command<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+        key: &ServerKey,
+        queue_id: &str,
+        command: &Command,
+    ) {
+        let Some(q) = self.queues.get_mut(queue_id) else {
+            return;
+        };
+        let queue_id = queue_id.to_owned();
+        let pending = match command {
+            Command::Sub => Pending::Sub { queue_id },
+            Command::Key(_) => Pending::Key { queue_id },
+            _ => Pending::Ack { queue_id },
+        };
+        if let Err(e) = command_on(
+            &mut self.servers,
+            now,
+            rng,
+            key,
+            &q.rcv_id,
+            command,
+            Some(&q.rcv_auth),
+            pending,
+        ) {
+            q.last_error = Some(format!("{}: {e}", command.tag()));
+        }
+    }
+
+    fn on_response<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+        key: &ServerKey,
+        pending: Pending,
+        result: Result<Response, CommandError>,
+    ) {
+        match pending {
+            Pending::New(keys) => {
+                let token = keys.token;
+                let reply = match result {
+                    Ok(Response::Ids(ids)) => self.queue_created(key, *keys, ids),
+                    Ok(other) => Err(PoolError::upstream(
+                        key,
+                        format!("unexpected answer to NEW: {other:?}"),
+                    )),
+                    Err(e) => Err(PoolError::upstream(key, format!("NEW: {e}"))),
+                };
+                self.reply(token, reply);
+            }
+            Pending::Sub { queue_id } => match result {
+                Ok(Response::Msg { msg_id, body }) => {
+                    self.subscribed(key, &queue_id);
+                    let rcv_id = self.queues.get(&queue_id).map(|q| q.rcv_id.clone());
+                    if let Some(rcv_id) = rcv_id {
+                        self.on_msg(now, rng, key, &rcv_id, &msg_id, &body);
+                    }
+                }
+                Ok(_) => self.subscribed(key, &queue_id),
+                Err(CommandError::Server(ErrorType::Auth)) => {
+                    // The queue no longer exists on the server (or its keys are not ours).
+                    let reason = Some("SUB: ERR AUTH (queue no longer on the server)".to_owned());
+                    self.set_queue_subscription(&queue_id, Subscription::Gone, reason);
+                }
+                Err(e) => {
+                    if let Some(q) = self.queues.get_mut(&queue_id) {
+                        q.last_error = Some(format!("SUB: {e}"));
+                    }
+                }
+            },
+            Pending::Ack { queue_id } => match result {
+                // The server may answer an ACK with the next message.
+                Ok(Response::Msg { msg_id, body }) => {
+                    let rcv_id = self.queues.get(&queue_id).map(|q| q.rcv_id.clone());
+                    if let Some(rcv_id) = rcv_id {
+                        self.on_msg(now, rng, key, &rcv_id, &msg_id, &body);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(server = %key, %queue_id, %e, "ACK failed"),
+            },
+            Pending::Key { queue_id } => {
+                if let Some(q) = self.queues.get_mut(&queue_id) {
+                    match result {
+                        Ok(_) => q.secured = true,
+                        Err(e) => q.last_error = Some(format!("KEY: {e}")),
+                    }
+                }
+            }
+            Pending::Del { token, queue_id } => match result {
+                // AUTH: it is already gone, which is what the app wanted.
+                Ok(_) | Err(CommandError::Server(ErrorType::Auth)) => {
+                    self.forget(&queue_id);
+                    self.reply(token, Ok(PoolReply::Deleted));
+                }
+                Err(e) => self.reply(token, Err(PoolError::upstream(key, format!("DEL: {e}")))),
+            },
+            Pending::SKey { dest } => self.on_skey(now, rng, &dest, result),
+            Pending::Send { dest, seq } => self.on_send(now, rng, &dest, seq, result),
+        }
+    }
+
+    fn queue_created(
+        &mut self,
+        key: &ServerKey,
+        keys: NewQueueKeys,
+        ids: QueueIds,
+    ) -> Result<PoolReply, PoolError> {
+        let server_dh = X25519PublicKey::from_spki(&ids.srv_dh_key)
+            .map_err(|e| PoolError::upstream(key, format!("IDS: server DH key: {e}")))?;
+        let queue_id = base64url_encode(&ids.rcv_id);
+        if self.queues.contains_key(&queue_id) {
+            return Err(PoolError::upstream(key, "IDS: recipient id already in use"));
+        }
+        let server = self
+            .servers
+            .get(key)
+            .ok_or_else(|| PoolError::upstream(key, "server forgotten"))?;
+        let uri = QueueUri {
+            server: SmpServer {
+                key_hash: server.key_hash.as_bytes().to_vec(),
+                basic_auth: None,
+                hosts: vec![server.host.clone()],
+                port: Some(server.port),
+            },
+            sender_id: ids.snd_id,
+            client_versions: URI_CLIENT_VERSIONS,
+            dh_key: keys.e2e.public_key().to_spki(),
+            // Servers before v9 do not say; their senders use the legacy flow.
+            queue_mode: ids.queue_mode,
+        };
+        let queue = RcvQueue {
+            app: keys.app,
+            server: key.clone(),
+            rcv_id: ids.rcv_id,
+            rcv_auth: QueueAuthKey::Ed25519(keys.rcv_auth),
+            rcv_dh_secret: keys.rcv_dh.diffie_hellman(&server_dh),
+            e2e: keys.e2e,
+            e2e_secret: None,
+            sender_key: None,
+            secured: false,
+            uri: uri.to_string(),
+            subscription: Subscription::Subscribed,
+            last_error: None,
+        };
+        let info = self.info(&queue_id, &queue);
+        tracing::debug!(server = %key, %queue_id, app = %queue.app, "queue created");
+        self.queues.insert(queue_id, queue);
+        Ok(PoolReply::QueueCreated(info))
+    }
+
+    /// A message arrived on one of the apps' queues: store it for the app, then ACK it so the
+    /// server delivers the next one.
+    fn on_msg<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+        key: &ServerKey,
+        rcv_id: &[u8],
+        msg_id: &[u8],
+        body: &[u8],
+    ) {
+        let queue_id = base64url_encode(rcv_id);
+        let Some(q) = self
+            .queues
+            .get_mut(&queue_id)
+            .filter(|q| q.server == *key)
+        else {
+            tracing::debug!(server = %key, %queue_id, "MSG for an unknown queue");
+            return;
+        };
+        let mut secure_with = None;
+        match q.open(msg_id, body) {
+            Opened::Quota => {}
+            Opened::Message {
+                ts,
+                body,
+                secure_with: k,
+            } => {
+                if !q.secured {
+                    secure_with = k;
+                }
+                let message = ReceivedMessage {
+                    queue_id: queue_id.clone(),
+                    msg_id: base64url_encode(msg_id),
+                    ts,
+                    body,
+                };
+                if self.mailbox.insert(message) {
+                    self.actions
+                        .push_back(Action::Event(PoolEvent::MessageArrived {
+                            app: q.app.clone(),
+                            queue_id: queue_id.clone(),
+                        }));
+                }
+            }
+            Opened::Undecryptable(reason) => {
+                tracing::warn!(server = %key, %queue_id, %reason, "dropping a message");
+                q.last_error = Some(format!("dropped a message: {reason}"));
+            }
+        }
+        if let Some(k) = secure_with {
+            let command = Command::Key(k.to_spki());
+            q.sender_key = Some(*k);
+            self.queue_command(now, rng, key, &queue_id, &command);
+        }
+        self.queue_command(now, rng, key, &queue_id, &Command::Ack(msg_id.to_vec()));
+    }
+
+    fn on_skey<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+        dest: &DestKey,
+        result: Result<Response, CommandError>,
+    ) {
+        let Some(s) = self.senders.get_mut(dest) else {
+            return;
+        };
+        match result {
+            Ok(_) => s.secured = Secured::Yes,
+            Err(CommandError::Timeout) => {
+                s.secured = Secured::No;
+                s.retry_at = Some(now + self.config.auth_retry_delay);
+            }
+            Err(e) => {
+                s.secured = Secured::No;
+                let error =
+                    PoolError::upstream(&dest.server, format!("could not secure the queue: {e}"));
+                self.fail_outbox(dest, &error);
+            }
+        }
+        self.pump(now, rng, dest);
+    }
+
+    fn on_send<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+        dest: &DestKey,
+        seq: u64,
+        result: Result<Response, CommandError>,
+    ) {
+        let Some(s) = self.senders.get_mut(dest) else {
+            return;
+        };
+        let Some(pos) = s.position(seq) else {
+            return;
+        };
+        let OutState::InFlight(kind) = s.outbox[pos].state else {
+            return;
+        };
+        let error = match result {
+            Ok(Response::Ok) => {
+                match kind {
+                    SendKind::Confirmation { .. } => s.confirmation = Confirmation::Confirmed,
+                    // In the legacy flow the first signed OK shows the recipient secured it.
+                    SendKind::Message => s.secured = Secured::Yes,
+                }
+                s.cautious = false;
+                if let Some(msg) = s.outbox.remove(pos) {
+                    self.reply(
+                        msg.token,
+                        Ok(PoolReply::Sent {
+                            message_id: msg.seq.to_string(),
+                        }),
+                    );
+                }
+                None
+            }
+            Ok(other) => Some(format!("unexpected answer to SEND: {other:?}")),
+            Err(CommandError::Server(ErrorType::Quota)) => {
+                // The recipient's queue is full: wait, then resend in order.
+                s.outbox[pos].state = OutState::Queued;
+                s.cautious = true;
+                s.retry_at = Some(now + self.config.quota_retry_delay);
+                None
+            }
+            Err(CommandError::Server(ErrorType::Auth)) => match kind {
+                // Legacy flow: the recipient has not processed our confirmation (KEY) yet.
+                SendKind::Message if s.secured != Secured::Yes => {
+                    let msg = &mut s.outbox[pos];
+                    msg.retries += 1;
+                    if msg.retries > self.config.max_auth_retries {
+                        Some("the recipient did not secure the queue (ERR AUTH)".to_owned())
+                    } else {
+                        msg.state = OutState::Queued;
+                        s.cautious = true;
+                        s.retry_at = Some(now + self.config.auth_retry_delay);
+                        None
+                    }
+                }
+                // An unsigned confirmation is refused once the queue is secured: the one sent
+                // before the connection died did arrive. This message goes out signed.
+                SendKind::Confirmation {
+                    signed: false,
+                    after_unknown: true,
+                } => {
+                    s.confirmation = Confirmation::Confirmed;
+                    s.outbox[pos].state = OutState::Queued;
+                    s.cautious = true;
+                    None
+                }
+                _ => Some("SEND: ERR AUTH (queue secured by another sender or deleted)".to_owned()),
+            },
+            Err(CommandError::Timeout) => {
+                // The server may or may not have it; resending risks a duplicate, not a loss.
+                if matches!(kind, SendKind::Confirmation { .. }) {
+                    s.confirmation = Confirmation::Unknown;
+                }
+                s.outbox[pos].state = OutState::Queued;
+                s.cautious = true;
+                s.retry_at = Some(now + self.config.auth_retry_delay);
+                None
+            }
+            Err(e) => Some(format!("SEND: {e}")),
+        };
+        if let Some(reason) = error {
+            let error = PoolError::upstream(&dest.server, reason);
+            self.fail_message(dest, seq, error);
+        }
+        self.pump(now, rng, dest);
+    }
+
+    /// The connection is gone: fail what waited for it, keep what can be restored later.
+    fn lost(&mut self, now: Instant, key: &ServerKey, reason: String) {
+        tracing::debug!(server = %key, %reason, "connection lost");
+        let Some(s) = self.servers.get_mut(key) else {
+            return;
+        };
+        s.conn = None;
+        s.connect_deadline = None;
+        s.last_error = Some(reason.clone());
+        let commands = std::mem::take(&mut s.commands);
+        let deferred = std::mem::take(&mut s.deferred);
+        let error = s.error(key);
+        self.set_state(now, key, ConnState::Failed);
+        for pending in commands.into_values() {
+            match pending {
+                Pending::New(keys) => self.reply(keys.token, Err(error.clone())),
+                Pending::Del { token, .. } => self.reply(token, Err(error.clone())),
+                Pending::Sub { .. }
+                | Pending::Ack { .. }
+                | Pending::Key { .. }
+                | Pending::SKey { .. }
+                | Pending::Send { .. } => {}
+            }
+        }
+        for d in deferred {
+            match d {
+                Deferred::Create { token, .. } | Deferred::Delete { token, .. } => {
+                    self.reply(token, Err(error.clone()));
+                }
+            }
+        }
+        let dests: Vec<DestKey> = self
+            .senders
+            .keys()
+            .filter(|d| d.server == *key)
+            .cloned()
+            .collect();
+        for dest in &dests {
+            if let Some(s) = self.senders.get_mut(dest) {
+                s.reset_after_loss();
+            }
+            self.fail_outbox(dest, &error);
+        }
+        let subscribed: Vec<String> = self
+            .queues
+            .iter()
+            .filter(|(_, q)| q.server == *key && q.subscription == Subscription::Subscribed)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for queue_id in subscribed {
+            let reason = Some(format!("connection lost: {reason}"));
+            self.set_queue_subscription(&queue_id, Subscription::Pending, reason);
+        }
+    }
+
+    // ---- bookkeeping ----
+
+    fn fail_outbox(&mut self, dest: &DestKey, error: &PoolError) {
+        let Some(s) = self.senders.get_mut(dest) else {
+            return;
+        };
+        for msg in std::mem::take(&mut s.outbox) {
+            self.reply(msg.token, Err(error.clone()));
+        }
+    }
+
+    fn fail_message(&mut self, dest: &DestKey, seq: u64, error: PoolError) {
+        let Some(s) = self.senders.get_mut(dest) else {
+            return;
+        };
+        if let Some(msg) = s.position(seq).and_then(|p| s.outbox.remove(p)) {
+            self.reply(msg.token, Err(error));
+        }
+    }
+
+    fn forget(&mut self, queue_id: &str) {
+        self.queues.remove(queue_id);
+        self.mailbox.remove_queue(queue_id);
+    }
+
+    fn subscribed(&mut self, key: &ServerKey, queue_id: &str) {
+        let ok = self.queues.get(queue_id).is_some_and(|q| q.server == *key);
+        if ok {
+            self.set_queue_subscription(queue_id, Subscription::Subscribed, None);
+        }
+    }
+
+    fn set_subscription(
+        &mut self,
+        key: &ServerKey,
+        rcv_id: &[u8],
+        subscription: Subscription,
+        reason: Option<String>,
+    ) {
+        let queue_id = base64url_encode(rcv_id);
+        if self.queues.get(&queue_id).is_some_and(|q| q.server == *key) {
+            self.set_queue_subscription(&queue_id, subscription, reason);
+        }
+    }
+
+    fn set_queue_subscription(
+        &mut self,
+        queue_id: &str,
+        subscription: Subscription,
+        reason: Option<String>,
+    ) {
+        let Some(q) = self.queues.get_mut(queue_id) else {
+            return;
+        };
+        if reason.is_some() {
+            q.last_error = reason;
+        }
+        if q.subscription != subscription {
+            q.subscription = subscription;
+            self.actions
+                .push_back(Action::Event(PoolEvent::SubscriptionChanged {
+                    app: q.app.clone(),
+                    queue_id: queue_id.to_owned(),
+                    subscription,
+                }));
+        }
+    }
+
+    fn set_state(&mut self, now: Instant, key: &ServerKey, state: ConnState) {
+        let Some(s) = self.servers.get_mut(key) else {
+            return;
+        };
+        if s.state != state {
+            s.set_state(now, state);
+            self.actions
+                .push_back(Action::Event(PoolEvent::ServerChanged {
+                    server: key.clone(),
+                    state,
+                }));
+        }
+    }
+
+    fn reply(&mut self, token: RequestToken, result: Result<PoolReply, PoolError>) {
+        self.actions.push_back(Action::Reply { token, result });
+    }
+}
+
+/// Queues `command` on `key`'s connection and remembers what it was for. A free function so
+/// callers can lend a key from `queues` or `senders` while the server table is borrowed.
+#[allow(clippy::too_many_arguments)]
+fn command_on<R: RngCore + CryptoRng>(
+    servers: &mut BTreeMap<ServerKey, Server>,
+    now: Instant,
+    rng: &mut R,
+    key: &ServerKey,
+    entity_id: &[u8],
+    command: &Command,
+    auth: Option<&QueueAuthKey>,
+    pending: Pending,
+) -> Result<(), String> {
+    let s = servers.get_mut(key).ok_or("server forgotten")?;
+    let conn = s.conn.as_mut().ok_or("not connected")?;
+    let corr_id = conn
+        .send_command(now, rng, entity_id, command, auth)
+        .map_err(|e| e.to_string())?;
+    s.commands.insert(corr_id, pending);
+    Ok(())
+}

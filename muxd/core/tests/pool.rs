@@ -1,0 +1,496 @@
+//! The pool against a scripted SMP server, in memory, on a virtual clock.
+
+mod support;
+
+use std::time::Duration;
+
+use muxd_core::{
+    ConnState, MAX_BODY_LEN, PoolConfig, PoolError, PoolEvent, PoolReply, PoolRequest,
+    Subscription,
+};
+use support::Net;
+
+fn sent(net: &Net, token: muxd_core::RequestToken) -> String {
+    match net.reply(token) {
+        Ok(PoolReply::Sent { message_id }) => message_id.clone(),
+        other => panic!("send: {other:?}"),
+    }
+}
+
+fn upstream_reason(result: &Result<PoolReply, PoolError>) -> String {
+    match result {
+        Err(PoolError::Upstream { reason, .. }) => reason.clone(),
+        other => panic!("expected an upstream error, got {other:?}"),
+    }
+}
+
+fn bodies(net: &Net, app: &str, queue_id: &str) -> Vec<Vec<u8>> {
+    net.pool
+        .messages(app, queue_id, None)
+        .unwrap()
+        .into_iter()
+        .map(|m| m.body)
+        .collect()
+}
+
+#[test]
+fn fast_flow_create_send_receive_ack() {
+    for version in [9, 11, 16, 18] {
+        let mut net = Net::new(version, u64::from(version));
+        let (queue_id, uri) = net.create_queue("alice");
+        assert!(uri.contains("&q=m"), "v{version}: {uri}");
+        assert_eq!(queue_id, Net::b64(net.server.queues.keys().next().unwrap()));
+
+        let first = net.send("bob", &uri, b"hello");
+        let second = net.send("bob", &uri, b"again");
+        sent(&net, first);
+        sent(&net, second);
+
+        // SKEY once, signed; then two signed SENDs.
+        assert_eq!(net.server.count("SKEY"), 1, "v{version}");
+        let sends: Vec<_> = net.server.seen.iter().filter(|s| s.tag == "SEND").collect();
+        assert_eq!(sends.len(), 2);
+        assert!(sends.iter().all(|s| s.signed), "v{version}: fast flow signs every SEND");
+        assert_eq!(net.server.version(1), version);
+
+        assert_eq!(bodies(&net, "alice", &queue_id), [b"hello".to_vec(), b"again".to_vec()]);
+        let arrived = net
+            .events
+            .iter()
+            .filter(|e| matches!(e, PoolEvent::MessageArrived { app, .. } if app == "alice"))
+            .count();
+        assert_eq!(arrived, 2);
+        // The pool ACKed both to the server, which holds nothing more.
+        assert_eq!(net.server.count("ACK"), 2);
+        assert!(net.server.queues.values().all(|q| q.msgs.is_empty()));
+
+        let msgs = net.pool.messages("alice", &queue_id, Some(1)).unwrap();
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0].body, b"hello");
+        assert!(msgs[0].ts > 1_700_000_000);
+        net.pool.ack("alice", &queue_id, &msgs[0].msg_id).unwrap();
+        assert_eq!(bodies(&net, "alice", &queue_id), [b"again".to_vec()]);
+        assert!(matches!(
+            net.pool.ack("alice", &queue_id, &msgs[0].msg_id),
+            Err(PoolError::NotFound(_))
+        ));
+        // One connection carried both apps.
+        assert_eq!(net.connects, 1);
+    }
+}
+
+#[test]
+fn legacy_key_flow_at_v6_to_v8() {
+    for version in [6, 7, 8] {
+        let mut net = Net::new(version, 100 + u64::from(version));
+        let (queue_id, uri) = net.create_queue("alice");
+        assert!(!uri.contains("q=m"), "v{version}: {uri}");
+        let first = net.send("bob", &uri, b"one");
+        let second = net.send("bob", &uri, b"two");
+        sent(&net, first);
+        // The second, signed SEND raced the recipient's KEY and got ERR AUTH; it is retried.
+        assert!(net.replies.get(&second).is_none(), "v{version}");
+        net.advance(Duration::from_secs(3));
+        sent(&net, second);
+
+        assert_eq!(net.server.count("SKEY"), 0);
+        assert_eq!(net.server.count("KEY"), 1, "the recipient secured the queue");
+        let sends: Vec<bool> = net
+            .server
+            .seen
+            .iter()
+            .filter(|s| s.tag == "SEND")
+            .map(|s| s.signed)
+            .collect();
+        assert_eq!(sends, [false, true, true], "v{version}: unsigned confirmation, retried SEND");
+        assert_eq!(bodies(&net, "alice", &queue_id), [b"one".to_vec(), b"two".to_vec()]);
+        assert_eq!(net.reply_order, {
+            let mut o = net.reply_order.clone();
+            o.sort();
+            o
+        });
+    }
+}
+
+#[test]
+fn legacy_flow_when_the_uri_does_not_allow_sender_securing() {
+    let mut net = Net::new(18, 7);
+    let (queue_id, uri) = net.create_queue("alice");
+    let uri = uri.replace("&q=m", "").replace("&k=s", "");
+    for i in 0..3u8 {
+        net.send("bob", &uri, &[i]);
+    }
+    net.advance(Duration::from_secs(10));
+    assert_eq!(net.server.count("SKEY"), 0);
+    assert_eq!(net.server.count("KEY"), 1);
+    assert_eq!(bodies(&net, "alice", &queue_id), [vec![0], vec![1], vec![2]]);
+}
+
+#[test]
+fn longest_body_fits_the_legacy_confirmation() {
+    let mut net = Net::new(6, 8);
+    let (queue_id, uri) = net.create_queue("alice");
+    let body: Vec<u8> = (0..MAX_BODY_LEN).map(|i| (i % 251) as u8).collect();
+    let token = net.send("bob", &uri, &body);
+    sent(&net, token);
+    assert_eq!(bodies(&net, "alice", &queue_id), [body.clone()]);
+    let too_long = net.send("bob", &uri, &[0; MAX_BODY_LEN + 1]);
+    assert!(matches!(net.reply(too_long), Err(PoolError::InvalidArgument(_))));
+}
+
+#[test]
+fn a_thousand_messages_keep_their_order() {
+    let mut net = Net::new(18, 9);
+    let (queue_id, uri) = net.create_queue("alice");
+    let tokens: Vec<_> = (0..1000u32)
+        .map(|i| {
+            net.submit(
+                "bob",
+                PoolRequest::Send {
+                    queue_uri: uri.clone(),
+                    body: i.to_be_bytes().to_vec(),
+                },
+            )
+        })
+        .collect();
+    net.run();
+    assert_eq!(net.reply_order[1..], tokens[..], "Sent replies in submission order");
+    for t in &tokens {
+        sent(&net, *t);
+    }
+    let got = bodies(&net, "alice", &queue_id);
+    let want: Vec<Vec<u8>> = (0..1000u32).map(|i| i.to_be_bytes().to_vec()).collect();
+    assert_eq!(got, want);
+    // Pipelined: far fewer blocks than one round trip per message would need.
+    assert_eq!(net.server.count("SEND"), 1000);
+}
+
+#[test]
+fn apps_cannot_see_or_touch_each_others_queues() {
+    let mut net = Net::new(18, 10);
+    let (queue_id, uri) = net.create_queue("alice");
+    net.send("bob", &uri, b"for alice");
+    assert_eq!(net.pool.queues("alice").len(), 1);
+    assert_eq!(net.pool.queues("alice")[0].waiting, 1);
+    assert!(net.pool.queues("bob").is_empty());
+    assert!(matches!(
+        net.pool.messages("bob", &queue_id, None),
+        Err(PoolError::NotFound(_))
+    ));
+    let msg_id = net.pool.messages("alice", &queue_id, None).unwrap()[0].msg_id.clone();
+    assert!(matches!(
+        net.pool.ack("bob", &queue_id, &msg_id),
+        Err(PoolError::NotFound(_))
+    ));
+    let delete = net.request(
+        "bob",
+        PoolRequest::DeleteQueue {
+            queue_id: queue_id.clone(),
+        },
+    );
+    assert!(matches!(net.reply(delete), Err(PoolError::NotFound(_))));
+    assert_eq!(net.server.count("DEL"), 0);
+    assert_eq!(bodies(&net, "alice", &queue_id), [b"for alice".to_vec()]);
+}
+
+#[test]
+fn redelivered_message_is_stored_once() {
+    let mut net = Net::new(18, 11);
+    let (queue_id, uri) = net.create_queue("alice");
+    // The ACK of the first message is lost, then the connection breaks.
+    net.server.ignore_acks = true;
+    net.send("bob", &uri, b"x");
+    assert_eq!(bodies(&net, "alice", &queue_id), [b"x".to_vec()]);
+    net.break_link("connection reset by peer");
+    net.server.ignore_acks = false;
+
+    // The next send reconnects; the re-SUB makes the server deliver "x" again.
+    let token = net.send("bob", &uri, b"y");
+    sent(&net, token);
+    assert_eq!(net.connects, 2);
+    assert_eq!(net.server.seen.iter().filter(|s| s.tag == "SUB" && s.conn == 2).count(), 1);
+    assert_eq!(bodies(&net, "alice", &queue_id), [b"x".to_vec(), b"y".to_vec()]);
+    let arrived = net
+        .events
+        .iter()
+        .filter(|e| matches!(e, PoolEvent::MessageArrived { .. }))
+        .count();
+    assert_eq!(arrived, 2);
+    assert!(net.server.queues.values().all(|q| q.msgs.is_empty()), "both ACKed");
+}
+
+#[test]
+fn quota_is_retried_in_order() {
+    let config = PoolConfig {
+        quota_retry_delay: Duration::from_secs(60),
+        ..PoolConfig::default()
+    };
+    let mut net = Net::with_config(18, 12, config);
+    net.server.quota = 3;
+    let (queue_id, uri) = net.create_queue("alice");
+    // The recipient is not reading: the queue fills after three messages.
+    net.server.hold_deliveries = true;
+    let tokens: Vec<_> = (0..8u8).map(|i| net.send("bob", &uri, &[i])).collect();
+    for t in &tokens[..3] {
+        sent(&net, *t);
+    }
+    assert!(tokens[3..].iter().all(|t| !net.replies.contains_key(t)));
+    let sends_before = net.server.count("SEND");
+    assert!(sends_before > 4, "the window ran into the full queue");
+
+    // Nothing is retried before the delay.
+    net.advance(Duration::from_secs(30));
+    assert_eq!(net.server.count("SEND"), sends_before);
+
+    // The recipient drains the queue (QUOTA marker included); the retry goes out in order.
+    let rcv_id = Net::rcv_id(&queue_id);
+    let resumed = net.server.resume_deliveries(&rcv_id);
+    net.route(resumed);
+    net.run();
+    assert!(net.server.queues[&rcv_id].msgs.is_empty());
+    assert_eq!(bodies(&net, "alice", &queue_id).len(), 3, "the marker is not shown");
+    net.advance(Duration::from_secs(31));
+    for t in &tokens {
+        sent(&net, *t);
+    }
+    assert_eq!(net.reply_order[1..], tokens[..], "Sent replies in submission order");
+    let want: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i]).collect();
+    assert_eq!(bodies(&net, "alice", &queue_id), want);
+}
+
+#[test]
+fn quota_marker_is_acked_and_not_shown() {
+    let mut net = Net::new(18, 13);
+    net.server.quota = 2;
+    let (queue_id, uri) = net.create_queue("alice");
+    net.server.ignore_acks = true;
+    let a = net.send("bob", &uri, b"a");
+    let b = net.send("bob", &uri, b"b");
+    let c = net.send("bob", &uri, b"c");
+    sent(&net, a);
+    sent(&net, b);
+    assert!(!net.replies.contains_key(&c), "c hit the quota");
+    // Reconnect so the server re-delivers, this time with working ACKs.
+    net.server.ignore_acks = false;
+    net.break_link("reset");
+    let d = net.request(
+        "alice",
+        PoolRequest::CreateQueue {
+            server: net.server.address(),
+            websocket: false,
+        },
+    );
+    assert!(net.reply(d).is_ok());
+    assert!(matches!(net.reply(c), Err(PoolError::Upstream { .. })), "failed with the link");
+    assert_eq!(bodies(&net, "alice", &queue_id), [b"a".to_vec(), b"b".to_vec()]);
+    let rcv_id = Net::rcv_id(&queue_id);
+    assert!(net.server.queues[&rcv_id].msgs.is_empty(), "the marker was ACKed too");
+}
+
+#[test]
+fn disconnect_fails_pending_requests_and_reconnect_resubscribes() {
+    let mut net = Net::new(18, 14);
+    let (queue_id, uri) = net.create_queue("alice");
+    net.server.stalled = true;
+    let send = net.send("bob", &uri, b"lost");
+    let create = net.request(
+        "carol",
+        PoolRequest::CreateQueue {
+            server: net.server.address(),
+            websocket: false,
+        },
+    );
+    assert!(!net.replies.contains_key(&send) && !net.replies.contains_key(&create));
+    net.break_link("connection reset by peer");
+
+    for t in [send, create] {
+        let reason = upstream_reason(net.reply(t));
+        assert!(reason.contains("connection reset by peer"), "{reason}");
+    }
+    let status = net.pool.status();
+    assert_eq!(status.len(), 1);
+    assert_eq!(status[0].state, ConnState::Failed);
+    assert_eq!(status[0].last_error.as_deref(), Some("connection reset by peer"));
+    let info = &net.pool.queues("alice")[0];
+    assert_eq!(info.subscription, Subscription::Pending);
+    assert!(info.last_error.as_deref().unwrap().contains("connection reset by peer"));
+
+    // No reconnection by itself.
+    net.server.stalled = false;
+    net.advance(Duration::from_secs(600));
+    assert_eq!(net.connects, 1);
+
+    // The next request reconnects; the queue is subscribed again and receives.
+    let again = net.send("bob", &uri, b"after");
+    sent(&net, again);
+    assert_eq!(net.connects, 2);
+    assert_eq!(net.server.seen.iter().filter(|s| s.tag == "SUB" && s.conn == 2).count(), 1);
+    assert_eq!(net.pool.status()[0].state, ConnState::Up);
+    assert_eq!(net.pool.queues("alice")[0].subscription, Subscription::Subscribed);
+    assert_eq!(bodies(&net, "alice", &queue_id), [b"after".to_vec()]);
+}
+
+#[test]
+fn identity_mismatch_fails_clearly() {
+    // Caught by the transport's certificate pinning.
+    let mut net = Net::new(18, 15);
+    let expected = net.server.key_hash().to_string();
+    net.refuse_connect = Some(format!(
+        "server identity mismatch: expected keyHash {expected}, server presented AAAA"
+    ));
+    let t = net.request(
+        "alice",
+        PoolRequest::CreateQueue {
+            server: net.server.address(),
+            websocket: false,
+        },
+    );
+    assert!(upstream_reason(net.reply(t)).contains(&format!("expected keyHash {expected}")));
+    let status = net.pool.status();
+    assert_eq!(status[0].state, ConnState::Failed);
+    assert!(status[0].last_error.as_deref().unwrap().starts_with("server identity mismatch"));
+
+    // Caught by the SMP handshake (ServerHello's certificate chain).
+    net.refuse_connect = None;
+    net.server.wrong_identity = true;
+    let t = net.request(
+        "alice",
+        PoolRequest::CreateQueue {
+            server: net.server.address(),
+            websocket: false,
+        },
+    );
+    let reason = upstream_reason(net.reply(t));
+    assert!(
+        reason.contains(&format!("server identity mismatch: expected keyHash {expected}")),
+        "{reason}"
+    );
+    assert_eq!(net.connects, 2, "each request tried again");
+    assert_eq!(net.disconnects, 1, "the pool closed the transport it rejected");
+    assert_eq!(net.pool.status()[0].state, ConnState::Failed);
+}
+
+#[test]
+fn end_and_deld_and_delete() {
+    let mut net = Net::new(18, 16);
+    let (ended, _) = net.create_queue("alice");
+    let (gone, _) = net.create_queue("alice");
+    let (live, _) = net.create_queue("alice");
+
+    let end = net.server.end_subscription(&Net::rcv_id(&ended));
+    net.route(end);
+    let deld = net.server.delete_elsewhere(&Net::rcv_id(&gone));
+    net.route(deld);
+    net.run();
+    let state = |net: &Net, id: &str| {
+        net.pool
+            .queues("alice")
+            .into_iter()
+            .find(|q| q.queue_id == id)
+            .map(|q| q.subscription)
+    };
+    assert_eq!(state(&net, &ended), Some(Subscription::Ended));
+    assert_eq!(state(&net, &gone), Some(Subscription::Gone));
+    assert_eq!(state(&net, &live), Some(Subscription::Subscribed));
+    assert!(net.events.contains(&PoolEvent::SubscriptionChanged {
+        app: "alice".into(),
+        queue_id: ended.clone(),
+        subscription: Subscription::Ended,
+    }));
+
+    // A queue already gone is forgotten without asking the server.
+    let t = net.request("alice", PoolRequest::DeleteQueue { queue_id: gone.clone() });
+    assert_eq!(net.reply(t), &Ok(PoolReply::Deleted));
+    assert_eq!(net.server.count("DEL"), 0);
+
+    let t = net.request("alice", PoolRequest::DeleteQueue { queue_id: live.clone() });
+    assert_eq!(net.reply(t), &Ok(PoolReply::Deleted));
+    assert_eq!(net.server.count("DEL"), 1);
+    assert!(!net.server.queues.contains_key(&Net::rcv_id(&live)));
+    let left: Vec<String> = net.pool.queues("alice").into_iter().map(|q| q.queue_id).collect();
+    assert_eq!(left, [ended]);
+}
+
+#[test]
+fn one_connection_per_server_for_all_apps() {
+    let mut net = Net::new(18, 17);
+    net.create_queue("alice");
+    net.create_queue("bob");
+    let with_port = format!("{}:5223", net.server.address());
+    let t = net.request(
+        "carol",
+        PoolRequest::CreateQueue {
+            server: with_port,
+            websocket: false,
+        },
+    );
+    assert!(net.reply(t).is_ok());
+    assert_eq!(net.connects, 1);
+    let status = net.pool.status();
+    assert_eq!(status.len(), 1);
+    assert_eq!(status[0].queues, 3);
+    assert_eq!(status[0].profile, "smp");
+    assert_eq!(status[0].server.transport().as_str(), "tls");
+}
+
+#[test]
+fn requests_wait_for_the_handshake_then_run() {
+    let mut net = Net::new(18, 18);
+    // Three requests before the connection exists: one Connect, all answered after it.
+    let server = net.server.address();
+    let tokens: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|app| {
+            net.submit(
+                app,
+                PoolRequest::CreateQueue {
+                    server: server.clone(),
+                    websocket: false,
+                },
+            )
+        })
+        .collect();
+    net.run();
+    assert_eq!(net.connects, 1);
+    for t in tokens {
+        assert!(matches!(net.reply(t), Ok(PoolReply::QueueCreated(_))));
+    }
+}
+
+#[test]
+fn connect_timeout_fails_waiting_requests() {
+    let config = PoolConfig {
+        connect_timeout: Duration::from_secs(5),
+        ..PoolConfig::default()
+    };
+    let mut net = Net::with_config(18, 19, config);
+    // The driver never reports the transport: the pool gives up on its own.
+    let t = net.submit(
+        "alice",
+        PoolRequest::CreateQueue {
+            server: net.server.address(),
+            websocket: false,
+        },
+    );
+    let connect = net.pool.poll_action();
+    assert!(matches!(connect, Some(muxd_core::Action::Connect { .. })));
+    net.advance(Duration::from_secs(6));
+    assert!(upstream_reason(net.reply(t)).contains("not established within 5s"));
+    assert_eq!(net.pool.status()[0].state, ConnState::Failed);
+}
+
+#[test]
+fn invalid_arguments_are_rejected_at_once() {
+    let mut net = Net::new(18, 20);
+    let t = net.request(
+        "alice",
+        PoolRequest::CreateQueue {
+            server: "not a server".into(),
+            websocket: false,
+        },
+    );
+    assert!(matches!(net.reply(t), Err(PoolError::InvalidArgument(_))));
+    let t = net.send("alice", "smp://nope", b"x");
+    assert!(matches!(net.reply(t), Err(PoolError::InvalidArgument(_))));
+    assert_eq!(net.connects, 0);
+}
