@@ -29,7 +29,11 @@ fn doc_blocks() -> Vec<Vec<u8>> {
 #[test]
 fn hexdumps_in_docs_are_real_frames() {
     let blocks = doc_blocks();
-    assert_eq!(blocks.len(), 4, "docs/ipc.md should hold four hexdump examples");
+    assert_eq!(
+        blocks.len(),
+        4,
+        "docs/ipc.md should hold four hexdump examples"
+    );
     let mut kinds = Vec::new();
     for bytes in blocks {
         // Client and server hellos share `"type":"hello"`; try both directions.

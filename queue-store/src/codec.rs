@@ -3,8 +3,8 @@
 //! Every table stores raw bytes; the layouts are defined here rather than by a serialization
 //! crate so that the on-disk format is explicit and versioned by the schema number alone.
 
-use crate::error::StoreError;
 use crate::QueueRef;
+use crate::error::StoreError;
 
 /// Appends fixed-width big-endian integers and length-prefixed byte strings.
 #[derive(Debug, Default)]
@@ -34,7 +34,8 @@ impl Writer {
     /// itself refuses values over 3 GiB), so the conversion saturating would only corrupt a value
     /// redb would reject anyway; it is checked regardless.
     pub(crate) fn bytes(mut self, v: &[u8]) -> Result<Self, StoreError> {
-        let len = u32::try_from(v.len()).map_err(|_| StoreError::InvalidInput("value too large"))?;
+        let len =
+            u32::try_from(v.len()).map_err(|_| StoreError::InvalidInput("value too large"))?;
         self.0.extend_from_slice(&len.to_be_bytes());
         self.0.extend_from_slice(v);
         Ok(self)
@@ -132,8 +133,8 @@ impl<'a> Reader<'a> {
 /// concatenated keys sort by their first component, then the next, and a key's prefix
 /// identifies exactly one (app, queue) group.
 fn push_component(out: &mut Vec<u8>, v: &[u8]) -> Result<(), StoreError> {
-    let len =
-        u16::try_from(v.len()).map_err(|_| StoreError::InvalidInput("key component over 64 KiB"))?;
+    let len = u16::try_from(v.len())
+        .map_err(|_| StoreError::InvalidInput("key component over 64 KiB"))?;
     out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(v);
     Ok(())
@@ -209,7 +210,11 @@ mod tests {
         assert!(key.starts_with(&server_prefix("smp://a").unwrap()));
         // "smp://a" must not be treated as a prefix of "smp://ab".
         let b = QueueRef::new("smp://ab", b"q1".to_vec());
-        assert!(!queue_key(&b).unwrap().starts_with(&server_prefix("smp://a").unwrap()));
+        assert!(
+            !queue_key(&b)
+                .unwrap()
+                .starts_with(&server_prefix("smp://a").unwrap())
+        );
     }
 
     #[test]

@@ -44,7 +44,9 @@ pub enum StoreError {
         detail: String,
     },
     /// The database was written by a newer muxd with a schema this build does not understand.
-    #[error("store database {path} has schema version {found}, newer than the supported {supported}")]
+    #[error(
+        "store database {path} has schema version {found}, newer than the supported {supported}"
+    )]
     NewerSchema {
         /// The database file.
         path: PathBuf,
@@ -77,7 +79,9 @@ pub enum StoreError {
     },
     /// A key file is readable or writable by group or others, so the data key it protects
     /// cannot be trusted to be secret.
-    #[error("key file {path} has mode {mode:o}; it must not be accessible by group or others (chmod 600)")]
+    #[error(
+        "key file {path} has mode {mode:o}; it must not be accessible by group or others (chmod 600)"
+    )]
     KeyFilePermissions {
         /// The key file.
         path: PathBuf,

@@ -65,7 +65,11 @@ impl Store {
         let backup_key = DataKey::generate();
         let wrap = backup_key.wrap(unlock)?;
         let wrap_len = u32::try_from(wrap.len()).map_err(|_| StoreError::InvalidInput("wrap"))?;
-        let header = Writer::new().raw(BACKUP_MAGIC).u32(wrap_len).raw(&wrap).finish();
+        let header = Writer::new()
+            .raw(BACKUP_MAGIC)
+            .u32(wrap_len)
+            .raw(&wrap)
+            .finish();
         let body = backup_key.seal(&header, &dump)?;
 
         let mut file = fs::OpenOptions::new()
@@ -106,7 +110,9 @@ impl Store {
         }
         let wrap_len = r.u32().map_err(|_| bad("truncated header"))? as usize;
         let header_len = BACKUP_MAGIC.len() + 4 + wrap_len;
-        let header = raw.get(..header_len).ok_or_else(|| bad("truncated header"))?;
+        let header = raw
+            .get(..header_len)
+            .ok_or_else(|| bad("truncated header"))?;
         let wrap = &header[BACKUP_MAGIC.len() + 4..];
         let backup_key = DataKey::unwrap(wrap, backup_unlock, backup)?;
         let dump = backup_key
@@ -147,7 +153,8 @@ impl Store {
             // The dump may come from an older schema; the normal open below migrates it.
             let mut meta = txn.open_table(META).db()?;
             meta.insert(KEY_WRAP_KEY, wrap.as_slice()).db()?;
-            meta.insert(schema::SCHEMA_KEY, schema.to_be_bytes().as_slice()).db()?;
+            meta.insert(schema::SCHEMA_KEY, schema.to_be_bytes().as_slice())
+                .db()?;
             Ok(())
         });
         drop(store);

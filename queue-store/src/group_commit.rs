@@ -93,7 +93,9 @@ impl GroupCommitter {
                     // caller gets its rendering.
                     let text = e.to_string();
                     for (ticket, _, _) in &batch {
-                        state.results.insert(*ticket, Err(StoreError::GroupCommit(text.clone())));
+                        state
+                            .results
+                            .insert(*ticket, Err(StoreError::GroupCommit(text.clone())));
                     }
                 }
             }

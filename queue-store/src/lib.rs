@@ -35,7 +35,7 @@ mod seal;
 use std::fmt;
 use std::fs;
 use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -141,10 +141,10 @@ impl Store {
     fn create_raw(path: &Path, key: DataKey, options: StoreOptions) -> Result<Self, StoreError> {
         // create_new, so that a file that appeared since the caller looked is not overwritten;
         // mode 0600 because routing metadata (servers, queue ids) is not sealed.
-        let file = fs::OpenOptions::new()
-            .read(true)
+        fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(path)
             .map_err(|e| match e.kind() {
                 std::io::ErrorKind::AlreadyExists => StoreError::AlreadyExists {
@@ -152,10 +152,9 @@ impl Store {
                 },
                 _ => io_err(path)(e),
             })?;
-        file.set_permissions(fs::Permissions::from_mode(0o600))
-            .map_err(io_err(path))?;
+        // redb initialises an empty file in place, keeping the mode set above.
         let db = redb::Builder::new()
-            .create_file(file)
+            .create(path)
             .map_err(|e| open_error(path, e))?;
         Ok(Self {
             db,
@@ -189,12 +188,13 @@ impl Store {
                 detail: "storage engine failed while reading the file".to_owned(),
             })?
             .map_err(|e| open_error(path, e))?;
-        let meta = catch_unwind(AssertUnwindSafe(|| schema::check(&db, path))).map_err(|_| {
-            StoreError::Corrupt {
-                path: path.to_path_buf(),
-                detail: "storage engine failed while reading the meta table".to_owned(),
-            }
-        })??;
+        let meta =
+            catch_unwind(AssertUnwindSafe(|| schema::check(&db, path))).map_err(|_| {
+                StoreError::Corrupt {
+                    path: path.to_path_buf(),
+                    detail: "storage engine failed while reading the meta table".to_owned(),
+                }
+            })??;
         let key = DataKey::unwrap(&meta.key_wrap, unlock, path)?;
         let store = Self {
             db,
@@ -208,7 +208,10 @@ impl Store {
         }
         let recovered = store.recover_in_flight()?;
         if recovered > 0 {
-            warn!(recovered, "requeued messages that were in flight at last shutdown");
+            warn!(
+                recovered,
+                "requeued messages that were in flight at last shutdown"
+            );
         }
         info!(path = %path.display(), schema = SCHEMA_VERSION, "opened store");
         Ok(store)

@@ -9,7 +9,9 @@
 
 use redb::{ReadableTable, WriteTransaction};
 
-use crate::codec::{Reader, Writer, app_key, queue_key, split_app_key, split_queue_key, trailing_u64};
+use crate::codec::{
+    Reader, Writer, app_key, queue_key, split_app_key, split_queue_key, trailing_u64,
+};
 use crate::error::{DbResultExt, StoreError};
 use crate::schema::{MBX_COUNT, MBX_MSGS, MBX_ORDER, MBX_SEEN, META, NEXT_MAILBOX_SEQ_KEY};
 use crate::{QueueRef, Store, schema};
@@ -85,7 +87,8 @@ impl Store {
             }
             let mut meta = txn.open_table(META).db()?;
             let seq = schema::read_counter(&meta, NEXT_MAILBOX_SEQ_KEY)?.max(1);
-            meta.insert(NEXT_MAILBOX_SEQ_KEY, (seq + 1).to_be_bytes().as_slice()).db()?;
+            meta.insert(NEXT_MAILBOX_SEQ_KEY, (seq + 1).to_be_bytes().as_slice())
+                .db()?;
             let value = Writer::new()
                 .u8(RECORD_VERSION)
                 .u64(now)
@@ -97,7 +100,8 @@ impl Store {
                 .insert(msg_key(&akey, &qkey, seq).as_slice(), value.as_slice())
                 .db()?;
             let seen_value = Writer::new().u64(seq).bytes(app.as_bytes())?.finish();
-            seen.insert(seen_key.as_slice(), seen_value.as_slice()).db()?;
+            seen.insert(seen_key.as_slice(), seen_value.as_slice())
+                .db()?;
             drop(seen);
             let order_key = [qkey.as_slice(), &seq.to_be_bytes()].concat();
             txn.open_table(MBX_ORDER)
@@ -109,7 +113,9 @@ impl Store {
                 Some(v) => trailing_u64(v.value(), "mailbox dedup count")?,
                 None => 0,
             };
-            count.insert(qkey.as_slice(), (n + 1).to_be_bytes().as_slice()).db()?;
+            count
+                .insert(qkey.as_slice(), (n + 1).to_be_bytes().as_slice())
+                .db()?;
             drop(count);
             self.prune_seen(txn, &qkey)?;
             Ok(Delivered::New { seq })
@@ -150,7 +156,9 @@ impl Store {
             let msg_id = r.bytes()?.to_vec();
             let sealed = r.bytes()?;
             r.finish()?;
-            let body = self.key.open_record(&body_aad(seq), sealed, "mailbox body")?;
+            let body = self
+                .key
+                .open_record(&body_aad(seq), sealed, "mailbox body")?;
             out.push(InboundMessage {
                 queue,
                 msg_id,
@@ -222,10 +230,12 @@ impl Store {
             let seen_key = [qkey, v.value()].concat();
             let (_, owner) = match seen.get(seen_key.as_slice()).db()? {
                 Some(s) => decode_seen(s.value())?,
-                None => return Err(StoreError::CorruptRecord {
-                    what: "mailbox dedup entry",
-                    detail: "order entry without dedup entry".to_owned(),
-                }),
+                None => {
+                    return Err(StoreError::CorruptRecord {
+                        what: "mailbox dedup entry",
+                        detail: "order entry without dedup entry".to_owned(),
+                    });
+                }
             };
             // A message the app has not acknowledged keeps its id: dropping it could let a
             // redelivery through as new while the original is still pending.

@@ -108,7 +108,10 @@ impl MemOutbound {
     }
 
     fn in_flight(&mut self, id: OutboundId, action: &'static str) -> Result<&mut Msg, StoreError> {
-        let msg = self.msgs.get_mut(&id).ok_or(StoreError::UnknownMessage(id))?;
+        let msg = self
+            .msgs
+            .get_mut(&id)
+            .ok_or(StoreError::UnknownMessage(id))?;
         if msg.state != MessageState::Sending {
             return Err(StoreError::InvalidTransition {
                 id,
@@ -129,7 +132,12 @@ impl MemOutbound {
     }
 
     /// See [`crate::Store::requeue`].
-    pub fn requeue(&mut self, id: OutboundId, not_before: u64, reason: &str) -> Result<(), StoreError> {
+    pub fn requeue(
+        &mut self,
+        id: OutboundId,
+        not_before: u64,
+        reason: &str,
+    ) -> Result<(), StoreError> {
         let msg = self.in_flight(id, "requeue")?;
         msg.state = MessageState::Queued;
         msg.not_before = not_before;
@@ -200,12 +208,14 @@ impl MemOutbound {
     pub fn queues(&self) -> Vec<QueueSummary> {
         let mut by_queue: BTreeMap<QueueRef, QueueSummary> = BTreeMap::new();
         for m in self.msgs.values().filter(|m| m.pending()) {
-            let s = by_queue.entry(m.queue.clone()).or_insert_with(|| QueueSummary {
-                queue: m.queue.clone(),
-                queued: 0,
-                in_flight: 0,
-                ready_at: None,
-            });
+            let s = by_queue
+                .entry(m.queue.clone())
+                .or_insert_with(|| QueueSummary {
+                    queue: m.queue.clone(),
+                    queued: 0,
+                    in_flight: 0,
+                    ready_at: None,
+                });
             if m.state == MessageState::Sending {
                 s.in_flight += 1;
             } else {
@@ -222,7 +232,8 @@ impl MemOutbound {
     /// See [`crate::Store::prune_finished`].
     pub fn prune_finished(&mut self, before: u64) -> usize {
         let n = self.msgs.len();
-        self.msgs.retain(|_, m| m.pending() || m.finished_at >= before);
+        self.msgs
+            .retain(|_, m| m.pending() || m.finished_at >= before);
         n - self.msgs.len()
     }
 

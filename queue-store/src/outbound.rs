@@ -255,6 +255,15 @@ fn load(
     Record::decode(raw.value())
 }
 
+fn decode_u64(bytes: &[u8]) -> Result<u64, StoreError> {
+    <[u8; 8]>::try_from(bytes)
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::CorruptRecord {
+            what: "outbound hold",
+            detail: "not 8 bytes".to_owned(),
+        })
+}
+
 fn decode_id(bytes: &[u8]) -> Result<OutboundId, StoreError> {
     <[u8; 8]>::try_from(bytes)
         .map(|b| OutboundId(u64::from_be_bytes(b)))
@@ -310,12 +319,17 @@ impl Store {
                 last_error: String::new(),
                 sealed: self.key.seal(&payload_aad(id), &msg.payload)?,
             };
-            msgs.insert(id_key(id).as_slice(), rec.encode()?.as_slice()).db()?;
-            fifo.insert(fifo_key(&qkey, id).as_slice(), [].as_slice()).db()?;
-            expiry.insert(expiry_key(expires_at, id).as_slice(), [].as_slice()).db()?;
+            msgs.insert(id_key(id).as_slice(), rec.encode()?.as_slice())
+                .db()?;
+            fifo.insert(fifo_key(&qkey, id).as_slice(), [].as_slice())
+                .db()?;
+            expiry
+                .insert(expiry_key(expires_at, id).as_slice(), [].as_slice())
+                .db()?;
             ids.push(id);
         }
-        meta.insert(NEXT_OUTBOUND_KEY, next.to_be_bytes().as_slice()).db()?;
+        meta.insert(NEXT_OUTBOUND_KEY, next.to_be_bytes().as_slice())
+            .db()?;
         Ok(ids)
     }
 
@@ -329,7 +343,7 @@ impl Store {
         self.write(|txn| {
             let mut hold = txn.open_table(OUT_HOLD).db()?;
             let held = match hold.get(qkey.as_slice()).db()? {
-                Some(v) => Some(decode_id(v.value())?.0),
+                Some(v) => Some(decode_u64(v.value())?),
                 None => None,
             };
             match held {
@@ -360,10 +374,13 @@ impl Store {
                         });
                     }
                 }
-                let payload = self.key.open_record(&payload_aad(id), &rec.sealed, "payload")?;
+                let payload = self
+                    .key
+                    .open_record(&payload_aad(id), &rec.sealed, "payload")?;
                 rec.state = MessageState::Sending;
                 rec.attempts = rec.attempts.saturating_add(1);
-                msgs.insert(id_key(id).as_slice(), rec.encode()?.as_slice()).db()?;
+                msgs.insert(id_key(id).as_slice(), rec.encode()?.as_slice())
+                    .db()?;
                 out.push(Leased {
                     id,
                     queue: rec.queue,
@@ -393,7 +410,8 @@ impl Store {
                 });
             }
             self.finish(txn, &mut rec, id, MessageState::Sent, now)?;
-            msgs.insert(id_key(id).as_slice(), rec.encode()?.as_slice()).db()?;
+            msgs.insert(id_key(id).as_slice(), rec.encode()?.as_slice())
+                .db()?;
             Ok(())
         })
     }
@@ -401,7 +419,10 @@ impl Store {
     /// Returns an in-flight message to the queue after a failed attempt; it will not be leased
     /// before `not_before` (unix ms, from the pool's retry policy).
     pub fn requeue(&self, id: OutboundId, not_before: u64, reason: &str) -> Result<(), StoreError> {
-        self.write(|txn| self.requeue_in(txn, id, not_before, reason, "requeue"))
+        self.write(|txn| {
+            self.requeue_in(txn, id, not_before, reason, "requeue")
+                .map(|_| ())
+        })
     }
 
     /// Like [`Self::requeue`] after ERR QUOTA: also holds the whole queue until `not_before`,
@@ -413,11 +434,12 @@ impl Store {
             let qkey = queue_key(&queue)?;
             let mut hold = txn.open_table(OUT_HOLD).db()?;
             let current = match hold.get(qkey.as_slice()).db()? {
-                Some(v) => decode_id(v.value())?.0,
+                Some(v) => decode_u64(v.value())?,
                 None => 0,
             };
             let until = current.max(not_before);
-            hold.insert(qkey.as_slice(), until.to_be_bytes().as_slice()).db()?;
+            hold.insert(qkey.as_slice(), until.to_be_bytes().as_slice())
+                .db()?;
             Ok(())
         })
     }
@@ -442,7 +464,8 @@ impl Store {
         rec.state = MessageState::Queued;
         rec.not_before = not_before;
         rec.last_error = reason.to_owned();
-        msgs.insert(id_key(id).as_slice(), rec.encode()?.as_slice()).db()?;
+        msgs.insert(id_key(id).as_slice(), rec.encode()?.as_slice())
+            .db()?;
         Ok(rec.queue)
     }
 
@@ -455,7 +478,10 @@ impl Store {
             let txn = self.read()?;
             let expiry = txn.open_table(OUT_EXPIRY).db()?;
             let mut due = Vec::new();
-            for entry in expiry.range::<&[u8]>(..=expiry_key(now, OutboundId(u64::MAX)).as_slice()).db()? {
+            for entry in expiry
+                .range::<&[u8]>(..=expiry_key(now, OutboundId(u64::MAX)).as_slice())
+                .db()?
+            {
                 let (k, _) = entry.db()?;
                 due.push(decode_id(k.value().get(8..).unwrap_or_default())?);
             }
@@ -473,7 +499,8 @@ impl Store {
                     continue;
                 }
                 self.finish(txn, &mut rec, id, MessageState::Failed, now)?;
-                msgs.insert(id_key(id).as_slice(), rec.encode()?.as_slice()).db()?;
+                msgs.insert(id_key(id).as_slice(), rec.encode()?.as_slice())
+                    .db()?;
                 out.push(Expired {
                     id,
                     queue: rec.queue,
@@ -547,12 +574,14 @@ impl Store {
             let (k, _) = entry.db()?;
             let (queue, rest) = split_queue_key(k.value(), "outbound index")?;
             let rec = load(&msgs, decode_id(rest)?)?;
-            let summary = by_queue.entry(queue.clone()).or_insert_with(|| QueueSummary {
-                queue,
-                queued: 0,
-                in_flight: 0,
-                ready_at: None,
-            });
+            let summary = by_queue
+                .entry(queue.clone())
+                .or_insert_with(|| QueueSummary {
+                    queue,
+                    queued: 0,
+                    in_flight: 0,
+                    ready_at: None,
+                });
             match rec.state {
                 MessageState::Sending => summary.in_flight += 1,
                 _ => {
@@ -569,7 +598,7 @@ impl Store {
             if let Some(at) = summary.ready_at {
                 let qkey = queue_key(&summary.queue)?;
                 if let Some(v) = hold.get(qkey.as_slice()).db()? {
-                    summary.ready_at = Some(at.max(decode_id(v.value())?.0));
+                    summary.ready_at = Some(at.max(decode_u64(v.value())?));
                 }
             }
             out.push(summary);
@@ -624,7 +653,8 @@ impl Store {
             for &id in &in_flight {
                 let mut rec = load(&msgs, id)?;
                 rec.state = MessageState::Queued;
-                msgs.insert(id_key(id).as_slice(), rec.encode()?.as_slice()).db()?;
+                msgs.insert(id_key(id).as_slice(), rec.encode()?.as_slice())
+                    .db()?;
             }
             Ok(in_flight.len())
         })

@@ -109,7 +109,9 @@ impl Store {
         let public = r.bytes()?.to_vec();
         let sealed = r.bytes()?;
         r.finish()?;
-        let secret = self.key.open_record(&secret_aad(qkey), sealed, "queue record secret")?;
+        let secret = self
+            .key
+            .open_record(&secret_aad(qkey), sealed, "queue record secret")?;
         Ok(QueueRecord {
             queue,
             app,

@@ -74,7 +74,9 @@ pub(crate) fn check(db: &redb::Database, path: &Path) -> Result<Meta, StoreError
         Err(e) => return Err(e).db(),
     };
     let get = |k: &[u8]| -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(redb::ReadableTable::get(&meta, k).db()?.map(|g| g.value().to_vec()))
+        Ok(redb::ReadableTable::get(&meta, k)
+            .db()?
+            .map(|g| g.value().to_vec()))
     };
     if get(MAGIC_KEY)?.as_deref() != Some(MAGIC) {
         return Err(foreign("wrong magic in meta table"));
@@ -107,7 +109,8 @@ pub(crate) fn initialize(txn: &redb::WriteTransaction, key_wrap: &[u8]) -> Resul
     }
     let mut meta = txn.open_table(META).db()?;
     meta.insert(MAGIC_KEY, MAGIC).db()?;
-    meta.insert(SCHEMA_KEY, SCHEMA_VERSION.to_be_bytes().as_slice()).db()?;
+    meta.insert(SCHEMA_KEY, SCHEMA_VERSION.to_be_bytes().as_slice())
+        .db()?;
     meta.insert(KEY_WRAP_KEY, key_wrap).db()?;
     Ok(())
 }
@@ -145,7 +148,8 @@ pub(crate) fn migrate(
         version += 1;
     }
     let mut meta = txn.open_table(META).db()?;
-    meta.insert(SCHEMA_KEY, version.to_be_bytes().as_slice()).db()?;
+    meta.insert(SCHEMA_KEY, version.to_be_bytes().as_slice())
+        .db()?;
     Ok(())
 }
 

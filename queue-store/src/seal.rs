@@ -116,7 +116,9 @@ fn read_key_file(path: &Path) -> Result<Zeroizing<[u8; KEY_LEN]>, StoreError> {
     let bad = || StoreError::BadKeyFile {
         path: path.to_path_buf(),
     };
-    let key = contents.strip_prefix(KEY_FILE_MAGIC.as_slice()).ok_or_else(bad)?;
+    let key = contents
+        .strip_prefix(KEY_FILE_MAGIC.as_slice())
+        .ok_or_else(bad)?;
     let mut out = Zeroizing::new([0u8; KEY_LEN]);
     if key.len() != KEY_LEN {
         return Err(bad());
@@ -149,7 +151,13 @@ impl DataKey {
         OsRng.fill_bytes(&mut nonce);
         let ct = self
             .cipher
-            .encrypt(XNonce::from_slice(&nonce), Payload { msg: plaintext, aad })
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: plaintext,
+                    aad,
+                },
+            )
             .map_err(|_| StoreError::InvalidInput("plaintext too large to seal"))?;
         let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
         out.extend_from_slice(&nonce);
@@ -235,9 +243,11 @@ impl DataKey {
         }
         let kek = header.derive_kek(unlock)?;
         let aad = [WRAP_AAD, &header.encode()].concat();
-        let plain = kek.open(&aad, r.rest()).ok_or_else(|| StoreError::WrongKey {
-            path: path.to_path_buf(),
-        })?;
+        let plain = kek
+            .open(&aad, r.rest())
+            .ok_or_else(|| StoreError::WrongKey {
+                path: path.to_path_buf(),
+            })?;
         Self::from_slice(&plain).ok_or(StoreError::CorruptRecord {
             what: "key wrap",
             detail: "bad data key length".to_owned(),
@@ -359,7 +369,9 @@ mod tests {
     #[test]
     fn passphrase_wrap_round_trips_and_rejects_wrong_passphrase() {
         let key = DataKey::generate();
-        let wrapped = key.wrap(&Unlock::Passphrase(Passphrase::new("right".into()))).unwrap();
+        let wrapped = key
+            .wrap(&Unlock::Passphrase(Passphrase::new("right".into())))
+            .unwrap();
         let path = Path::new("/x/store.redb");
         let back = DataKey::unwrap(
             &wrapped,

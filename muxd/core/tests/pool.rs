@@ -1,5 +1,8 @@
 //! The pool against a scripted SMP server, in memory, on a virtual clock.
 
+// Helpers outside `#[test]` functions unwrap too: a failure there is a test failure.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::time::Duration;
@@ -14,6 +17,13 @@ fn sent(net: &Net, token: muxd_core::RequestToken) -> String {
     match net.reply(token) {
         Ok(PoolReply::Sent { message_id }) => message_id.clone(),
         other => panic!("send: {other:?}"),
+    }
+}
+
+fn send_request(uri: &str, body: &[u8]) -> PoolRequest {
+    PoolRequest::Send {
+        queue_uri: uri.to_owned(),
+        body: body.to_vec(),
     }
 }
 
@@ -85,11 +95,12 @@ fn legacy_key_flow_at_v6_to_v8() {
         let mut net = Net::new(version, 100 + u64::from(version));
         let (queue_id, uri) = net.create_queue("alice");
         assert!(!uri.contains("q=m"), "v{version}: {uri}");
-        let first = net.send("bob", &uri, b"one");
-        let second = net.send("bob", &uri, b"two");
+        let first = net.submit("bob", send_request(&uri, b"one"));
+        let second = net.submit("bob", send_request(&uri, b"two"));
+        net.run();
         sent(&net, first);
         // The second, signed SEND raced the recipient's KEY and got ERR AUTH; it is retried.
-        assert!(net.replies.get(&second).is_none(), "v{version}");
+        assert!(!net.replies.contains_key(&second), "v{version}");
         net.advance(Duration::from_secs(3));
         sent(&net, second);
 
@@ -133,7 +144,7 @@ fn longest_body_fits_the_legacy_confirmation() {
     let body: Vec<u8> = (0..MAX_BODY_LEN).map(|i| (i % 251) as u8).collect();
     let token = net.send("bob", &uri, &body);
     sent(&net, token);
-    assert_eq!(bodies(&net, "alice", &queue_id), [body.clone()]);
+    assert_eq!(bodies(&net, "alice", &queue_id), std::slice::from_ref(&body));
     let too_long = net.send("bob", &uri, &[0; MAX_BODY_LEN + 1]);
     assert!(matches!(net.reply(too_long), Err(PoolError::InvalidArgument(_))));
 }
@@ -141,17 +152,11 @@ fn longest_body_fits_the_legacy_confirmation() {
 #[test]
 fn a_thousand_messages_keep_their_order() {
     let mut net = Net::new(18, 9);
+    // Room for the whole burst: the pipeline outruns one-at-a-time delivery.
+    net.server.quota = 1000;
     let (queue_id, uri) = net.create_queue("alice");
     let tokens: Vec<_> = (0..1000u32)
-        .map(|i| {
-            net.submit(
-                "bob",
-                PoolRequest::Send {
-                    queue_uri: uri.clone(),
-                    body: i.to_be_bytes().to_vec(),
-                },
-            )
-        })
+        .map(|i| net.submit("bob", send_request(&uri, &i.to_be_bytes())))
         .collect();
     net.run();
     assert_eq!(net.reply_order[1..], tokens[..], "Sent replies in submission order");
@@ -161,8 +166,28 @@ fn a_thousand_messages_keep_their_order() {
     let got = bodies(&net, "alice", &queue_id);
     let want: Vec<Vec<u8>> = (0..1000u32).map(|i| i.to_be_bytes().to_vec()).collect();
     assert_eq!(got, want);
-    // Pipelined: far fewer blocks than one round trip per message would need.
-    assert_eq!(net.server.count("SEND"), 1000);
+    assert_eq!(net.server.count("SEND"), 1000, "no retries");
+}
+
+#[test]
+fn a_thousand_messages_keep_their_order_through_quota_retries() {
+    let mut net = Net::new(18, 21);
+    let (queue_id, uri) = net.create_queue("alice");
+    let tokens: Vec<_> = (0..1000u32)
+        .map(|i| net.submit("bob", send_request(&uri, &i.to_be_bytes())))
+        .collect();
+    net.run();
+    let mut rounds = 0;
+    while net.replies.len() < 1001 {
+        rounds += 1;
+        assert!(rounds < 100, "stuck at {} replies", net.replies.len());
+        net.advance(Duration::from_secs(301));
+    }
+    assert!(rounds > 1, "the default 128-message quota was hit");
+    assert!(net.server.count("SEND") > 1000);
+    assert_eq!(net.reply_order[1..], tokens[..], "Sent replies in submission order");
+    let want: Vec<Vec<u8>> = (0..1000u32).map(|i| i.to_be_bytes().to_vec()).collect();
+    assert_eq!(bodies(&net, "alice", &queue_id), want);
 }
 
 #[test]
@@ -221,16 +246,17 @@ fn redelivered_message_is_stored_once() {
 
 #[test]
 fn quota_is_retried_in_order() {
-    let config = PoolConfig {
-        quota_retry_delay: Duration::from_secs(60),
-        ..PoolConfig::default()
-    };
+    let mut config = PoolConfig::default();
+    config.quota_retry_delay = Duration::from_secs(60);
     let mut net = Net::with_config(18, 12, config);
     net.server.quota = 3;
     let (queue_id, uri) = net.create_queue("alice");
     // The recipient is not reading: the queue fills after three messages.
     net.server.hold_deliveries = true;
-    let tokens: Vec<_> = (0..8u8).map(|i| net.send("bob", &uri, &[i])).collect();
+    let tokens: Vec<_> = (0..8u8)
+        .map(|i| net.submit("bob", send_request(&uri, &[i])))
+        .collect();
+    net.run();
     for t in &tokens[..3] {
         sent(&net, *t);
     }
@@ -459,10 +485,8 @@ fn requests_wait_for_the_handshake_then_run() {
 
 #[test]
 fn connect_timeout_fails_waiting_requests() {
-    let config = PoolConfig {
-        connect_timeout: Duration::from_secs(5),
-        ..PoolConfig::default()
-    };
+    let mut config = PoolConfig::default();
+    config.connect_timeout = Duration::from_secs(5);
     let mut net = Net::with_config(18, 19, config);
     // The driver never reports the transport: the pool gives up on its own.
     let t = net.submit(

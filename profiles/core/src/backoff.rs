@@ -258,7 +258,9 @@ mod tests {
     }
 
     fn drain(b: &mut Backoff, rng: &mut ChaCha8Rng) -> Vec<Duration> {
-        std::iter::from_fn(|| b.next_delay(rng)).take(10_000).collect()
+        std::iter::from_fn(|| b.next_delay(rng))
+            .take(10_000)
+            .collect()
     }
 
     #[test]
@@ -529,7 +531,7 @@ mod tests {
             if let Ok(mut b) = Backoff::new(config) {
                 let mut rng = ChaCha8Rng::seed_from_u64(seed);
                 for i in 0..200u64 {
-                    let _ = b.next_delay_with_hint(&mut rng, Duration::from_nanos(i * hint));
+                    let _ = b.next_delay_with_hint(&mut rng, Duration::from_nanos(i.saturating_mul(hint)));
                 }
             }
         }

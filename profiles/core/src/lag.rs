@@ -247,7 +247,10 @@ mod tests {
             h.push(t0, ms(v), LagSource::Tcp);
         }
         let s = h.summary().unwrap();
-        assert_eq!((s.p50, s.p95, s.min, s.max), (ms(50), ms(95), ms(1), ms(100)));
+        assert_eq!(
+            (s.p50, s.p95, s.min, s.max),
+            (ms(50), ms(95), ms(1), ms(100))
+        );
         // Mean of 1..=100 is 50.5 ms; every consecutive gap is 1 ms.
         assert_eq!(s.mean, Duration::from_micros(50_500));
         assert_eq!(s.jitter, ms(1));

@@ -20,9 +20,13 @@ pub mod cover;
 pub mod error;
 pub mod handshake;
 pub mod kem;
+mod link;
 pub mod proxy;
 pub mod record;
 pub mod relay;
+
+#[cfg(test)]
+mod vectors;
 
 use std::time::Duration;
 

@@ -9,8 +9,8 @@ use hkdf::Hkdf;
 use muxd_smp::encoding::{DecodeError, EncodeError, Parser, pad, put_large, put_short_string, unpad};
 use muxd_smp::keys::{X25519PublicKey, X25519SecretKey};
 use sha2::Sha256;
-use xsalsa20poly1305::aead::{AeadInPlace, KeyInit};
-use xsalsa20poly1305::{Tag, XSalsa20Poly1305};
+use crypto_secretbox::aead::{AeadInPlace, KeyInit};
+use crypto_secretbox::{Tag, XSalsa20Poly1305};
 use zeroize::Zeroizing;
 
 /// `PROXY_PAD`: the padded size of a proxied inner batch.

@@ -184,7 +184,10 @@ async fn main() {
     let (up, down) = (ups[ROUNDS / 2], downs[ROUNDS / 2]);
     let ping_wire = wire(up) + wire(down);
 
-    println!("## Measured (TCP payload through the fault proxy, TLS 1.3 + SMP v{:?})", client.conn.version());
+    println!(
+        "## Measured (TCP payload through the fault proxy, TLS 1.3 + SMP v{:?})",
+        client.conn.version()
+    );
     println!();
     println!("| what | client→server | server→client |");
     println!("|---|---:|---:|");
@@ -211,13 +214,17 @@ async fn main() {
         "## Derived: bytes per hour per idle server (1500 MTU: {MSS} B MSS, {SEGMENT_OVERHEAD} B per segment, delayed ACKs)"
     );
     println!();
-    println!("One PING/PONG on the wire: {ping_wire} B. One keep-alive probe + ACK: {} B.", 2 * SEGMENT_OVERHEAD);
+    println!(
+        "One PING/PONG on the wire: {ping_wire} B. One keep-alive probe + ACK: {} B.",
+        2 * SEGMENT_OVERHEAD
+    );
     println!();
 
     let rows = [
         Row {
-            name: "(a) muxd: TCP keep-alive idle 15 s (5 s × 3 only on loss) + PING after 600 s idle"
-                .into(),
+            name:
+                "(a) muxd: TCP keep-alive idle 15 s (5 s × 3 only on loss) + PING after 600 s idle"
+                    .into(),
             pings_per_hour: 3600 / 600,
             probes_per_hour: 3600 / 600 * probes_per_gap(600, 15),
             ping_wire,

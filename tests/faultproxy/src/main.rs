@@ -30,7 +30,8 @@ struct Args {
     blackhole: bool,
 }
 
-const HELP: &str = "commands: delay <ms> | blackhole on|off | reset | pause on|off | refuse on|off | stats | quit";
+const HELP: &str =
+    "commands: delay <ms> | blackhole on|off | reset | pause on|off | refuse on|off | stats | quit";
 
 #[allow(clippy::print_stdout)] // printing the address and stats is the point of the CLI
 #[tokio::main]

@@ -1,5 +1,7 @@
 //! Real-socket tests of the fault proxy on 127.0.0.1.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap (house rule)
+
 use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -107,7 +109,10 @@ async fn added_delay_shows_in_the_round_trip() {
     let via = median_rtt(&mut connect(proxy.local_addr()).await, 5).await;
     let added = via.saturating_sub(direct);
     // The delay applies once per direction, so a round trip gains twice the delay.
-    assert!(added >= 2 * DELAY, "added {added:?}, direct {direct:?}, via {via:?}");
+    assert!(
+        added >= 2 * DELAY,
+        "added {added:?}, direct {direct:?}, via {via:?}"
+    );
     assert!(
         added < 2 * DELAY + Duration::from_millis(150),
         "added {added:?}"
@@ -253,7 +258,9 @@ async fn refuse_new_resets_fresh_connections() {
     handle.refuse_new(true);
     let mut s = connect(proxy.local_addr()).await;
     let mut buf = [0u8; 1];
-    let r = timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap();
+    let r = timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap();
     assert_eq!(r.unwrap_err().kind(), ErrorKind::ConnectionReset);
     assert_eq!(handle.counters().refused, 1);
     // The existing connection is untouched.
@@ -304,7 +311,9 @@ async fn unreachable_upstream_resets_the_client() {
     let proxy = proxy_to(dead).await;
     let mut s = connect(proxy.local_addr()).await;
     let mut buf = [0u8; 1];
-    let r = timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap();
+    let r = timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap();
     assert_eq!(r.unwrap_err().kind(), ErrorKind::ConnectionReset);
     assert_eq!(proxy.handle().counters().upstream_failures, 1);
 }
@@ -320,7 +329,9 @@ async fn shutdown_resets_connections_and_stops_listening() {
         .await
         .unwrap();
     let mut buf = [0u8; 1];
-    let r = timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap();
+    let r = timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap();
     assert!(r.is_err(), "{r:?}");
     assert!(TcpStream::connect(addr).await.is_err());
 }

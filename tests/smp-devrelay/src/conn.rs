@@ -1,9 +1,9 @@
 //! One client connection: the SMP handshake, then blocks in, batched responses and events out.
 //!
-//! [`Session`] is the synchronous part (block → transmissions → store operations →
-//! response blocks); [`serve`] is the thin tokio loop around it that reads blocks, forwards
-//! events other connections caused, enforces the idle timeout and writes what `Session`
-//! produced.
+//! [`Session`] turns a block into transmissions, store operations and response blocks; only
+//! the proxy commands make it wait (for the other relay). [`serve`] is the thin tokio loop
+//! around it that reads blocks, forwards events other connections caused, enforces the idle
+//! timeout and writes what `Session` produced.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -12,7 +12,7 @@ use muxd_smp::block::{BatchBuilder, decode_batch, pad_block, unpad_block};
 use muxd_smp::cert::{CertPublicKey, SignatureAlgorithm};
 use muxd_smp::command::{Command, QueueMode, QueueRequest, Response};
 use muxd_smp::crypto::{BlockCipher, cb_nonce, ed25519_verify, verify_x25519_authenticator};
-use muxd_smp::error::{CmdError, ErrorType};
+use muxd_smp::error::{BrokerError, CmdError, ErrorType, ProxyError, TransportError};
 use muxd_smp::keys::{KeyAlgorithm, PublicKey, X25519PublicKey, X25519SecretKey};
 use muxd_smp::transmission::{Authorized, Transmission, TransmissionError, encode_transmission};
 use muxd_smp::version;
@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use crate::Shared;
 use crate::handshake::{ServerHandshake, ServerSession, offered_versions};
-use crate::proxy::ProxyState;
+use crate::proxy::{self, ProxyState};
 use crate::server::Trigger;
 use crate::stats::Counters;
 use crate::store::{ConnId, NewQueueRequest};
@@ -198,6 +198,8 @@ pub(crate) struct Session {
     version: u16,
     session_id: Vec<u8>,
     session_key: Option<X25519SecretKey>,
+    /// The client's ClientHello key; with `session_key` it makes a proxy's RFWD secret.
+    client_key: Option<X25519PublicKey>,
     cipher: Option<BlockCipher>,
     shared: Arc<Shared>,
     out: Outbox,
@@ -211,6 +213,7 @@ impl Session {
             version: s.version,
             session_id: s.session_id,
             session_key: s.session_key,
+            client_key: s.client_key,
             cipher: s.cipher,
             shared,
             out: Outbox {
@@ -334,33 +337,27 @@ impl Session {
 
     async fn handle_transmission(&mut self, t: &Transmission<'_>, now: i64) {
         let (corr, entity) = (t.corr_id, t.entity_id);
-        let tag = t.command.split(|&b| b == b' ').next().unwrap_or_default();
-        if !COMMAND_TAGS.contains(&tag) {
-            return self.push_err(corr, entity, ErrorType::Cmd(CmdError::Unknown));
-        }
-        let cmd = match Command::decode(self.version, t.command) {
-            Ok(c) if c.min_version() <= self.version => c,
-            Ok(_) => return self.push_err(corr, entity, ErrorType::Cmd(CmdError::Unknown)),
-            Err(_) => return self.push_err(corr, entity, ErrorType::Cmd(CmdError::Syntax)),
-        };
-        self.shared.counters.command(cmd.tag());
-        if let Err(e) = check_credentials(&cmd, !t.auth.is_empty(), !entity.is_empty()) {
-            return self.push_err(corr, entity, ErrorType::Cmd(e));
-        }
-        let Ok(authorized) = t.authorized(&self.session_id) else {
-            return self.push_err(corr, entity, ErrorType::Internal);
-        };
-        let result = match cmd {
-            Command::Ping => Ok(Response::Pong.into()),
-            Command::Send { notification, body } => {
-                self.send(t, &authorized, notification, body, now)
+        let result = match self.parse(t, self.version) {
+            Ok(Command::Prxy { server, .. }) => {
+                proxy::connect(&mut self.proxy, &self.shared, &server)
+                    .await
+                    .map(Pushed::from)
             }
-            Command::SKey(key) => self.skey(t, &authorized, &key),
-            Command::New(_) | Command::NSub => self.no_queue_command(&cmd, t, &authorized),
-            Command::Prxy { .. } | Command::PFwd { .. } | Command::RFwd(_) => {
-                self.proxy_command(cmd, t).await
+            Ok(Command::PFwd { version, key, enc }) => {
+                let fwd = proxy::Forward {
+                    corr_id: corr,
+                    session_id: entity,
+                    version,
+                    key: &key,
+                    enc: &enc,
+                };
+                proxy::forward(&mut self.proxy, &fwd)
+                    .await
+                    .map(Pushed::from)
             }
-            cmd => self.recipient_command(cmd, t, &authorized),
+            Ok(Command::RFwd(enc)) => self.relay_forward(t, &enc, now).map(Pushed::from),
+            Ok(cmd) => self.execute(cmd, t, now, self.version),
+            Err(e) => Err(e),
         };
         match result {
             Ok(Pushed { response, event }) => {
@@ -371,6 +368,106 @@ impl Session {
             }
             Err(e) => self.push_err(corr, entity, e),
         }
+    }
+
+    /// Parses a command strictly at `version` and applies the credential rules.
+    fn parse(&self, t: &Transmission<'_>, version: u16) -> Result<Command, ErrorType> {
+        let tag = t.command.split(|&b| b == b' ').next().unwrap_or_default();
+        if !COMMAND_TAGS.contains(&tag) {
+            return Err(ErrorType::Cmd(CmdError::Unknown));
+        }
+        let cmd = match Command::decode(version, t.command) {
+            Ok(c) if c.min_version() <= version => c,
+            Ok(_) => return Err(ErrorType::Cmd(CmdError::Unknown)),
+            Err(_) => return Err(ErrorType::Cmd(CmdError::Syntax)),
+        };
+        self.shared.counters.command(cmd.tag());
+        check_credentials(&cmd, !t.auth.is_empty(), !t.entity_id.is_empty())
+            .map_err(ErrorType::Cmd)?;
+        Ok(cmd)
+    }
+
+    /// Runs a queue command (everything but the proxy commands).
+    fn execute(
+        &mut self,
+        cmd: Command,
+        t: &Transmission<'_>,
+        now: i64,
+        version: u16,
+    ) -> Result<Pushed, ErrorType> {
+        let authorized = t
+            .authorized(&self.session_id)
+            .map_err(|_| ErrorType::Internal)?;
+        match cmd {
+            Command::Ping => Ok(Response::Pong.into()),
+            Command::Send { notification, body } => {
+                if body.len() > max_message_len(version) {
+                    return Err(ErrorType::LargeMsg);
+                }
+                self.send(t, &authorized, notification, body, now)
+            }
+            Command::SKey(key) => self.skey(t, &authorized, &key),
+            Command::New(_) | Command::NSub => self.no_queue_command(&cmd, t, &authorized),
+            // Proxy commands are handled before; inside RFWD they are not allowed.
+            Command::Prxy { .. } | Command::PFwd { .. } | Command::RFwd(_) => {
+                Err(ErrorType::Cmd(CmdError::Prohibited))
+            }
+            cmd => self.recipient_command(cmd, t, &authorized),
+        }
+    }
+
+    /// RFWD from a proxy (this relay is the destination): opens the forwarded transmission,
+    /// runs it as if the client had sent it on this connection, and seals the answer.
+    fn relay_forward(
+        &mut self,
+        t: &Transmission<'_>,
+        enc: &[u8],
+        now: i64,
+    ) -> Result<Response, ErrorType> {
+        let (Some(session_key), Some(proxy_key)) = (&self.session_key, &self.client_key) else {
+            return Err(ErrorType::Crypto);
+        };
+        let p2r = session_key.diffie_hellman(proxy_key);
+        let fwd = proxy::open_rfwd(session_key, &p2r, t.corr_id, enc)?;
+        let v = fwd.version;
+        if !(version::SENDING_PROXY..=self.shared.config.max_version).contains(&v) {
+            return Err(ErrorType::Proxy(ProxyError::Broker(
+                BrokerError::Transport(TransportError::Version),
+            )));
+        }
+        let (corr, entity, result) = match decode_batch(&fwd.batch).as_deref() {
+            Ok([item]) => match Transmission::decode(v, &self.session_id, item) {
+                Ok(inner) => {
+                    let result = self.parse(&inner, v).and_then(|cmd| match cmd {
+                        // Only sender commands may travel through a proxy.
+                        Command::Send { .. }
+                        | Command::SKey(_)
+                        | Command::LKey(_)
+                        | Command::LGet => self.execute(cmd, &inner, now, v),
+                        _ => Err(ErrorType::Cmd(CmdError::Prohibited)),
+                    });
+                    (inner.corr_id.to_vec(), inner.entity_id.to_vec(), result)
+                }
+                Err(_) => (Vec::new(), Vec::new(), Err(ErrorType::Block)),
+            },
+            _ => (Vec::new(), Vec::new(), Err(ErrorType::Block)),
+        };
+        let response = match result {
+            Ok(p) => p.response,
+            Err(e) => Response::Err(e),
+        };
+        let mut cmd = Vec::new();
+        let mut inner = Vec::new();
+        response
+            .encode(v, &mut cmd)
+            .and_then(|()| Authorized::new(&self.session_id, &corr, &entity, &cmd))
+            .and_then(|a| encode_transmission(v, b"", &a, &mut inner))
+            .map_err(|_| ErrorType::Internal)?;
+        let mut batch = BatchBuilder::new();
+        if !batch.push(&inner) {
+            return Err(ErrorType::Internal);
+        }
+        proxy::seal_rres(&p2r, t.corr_id, &fwd, &batch.take()).map(Response::RRes)
     }
 
     fn send(
@@ -394,9 +491,6 @@ impl Session {
         };
         if !authorized_ok || !view.active {
             return Err(ErrorType::Auth);
-        }
-        if body.len() > max_message_len(self.version) {
-            return Err(ErrorType::LargeMsg);
         }
         self.shared
             .store
@@ -528,16 +622,6 @@ impl Session {
             // links. Neither is implemented by this relay.
             _ => Err(ErrorType::Cmd(CmdError::Prohibited)),
         }
-    }
-
-    async fn proxy_command(
-        &mut self,
-        cmd: Command,
-        t: &Transmission<'_>,
-    ) -> Result<Pushed, ErrorType> {
-        let response =
-            crate::proxy::handle(&mut self.proxy, &self.shared, self.version, cmd, t).await?;
-        Ok(response.into())
     }
 }
 

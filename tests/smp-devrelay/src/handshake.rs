@@ -13,7 +13,7 @@ use muxd_smp::cert::KeyHash;
 use muxd_smp::crypto::BlockCipher;
 use muxd_smp::encoding::{self, DecodeError, EncodeError};
 use muxd_smp::handshake::{CertKey, ClientHello, ServerHello, VersionRange};
-use muxd_smp::keys::X25519SecretKey;
+use muxd_smp::keys::{X25519PublicKey, X25519SecretKey};
 use muxd_smp::version;
 use muxd_transport::server::ServerIdentity;
 use rand_core::{CryptoRng, RngCore};
@@ -72,6 +72,8 @@ pub(crate) struct ServerSession {
     pub(crate) session_id: Vec<u8>,
     /// Present from v7: verifies X25519 authenticators.
     pub(crate) session_key: Option<X25519SecretKey>,
+    /// The client's X25519 key from ClientHello (a proxy's p2r key).
+    pub(crate) client_key: Option<X25519PublicKey>,
     pub(crate) cipher: Option<BlockCipher>,
 }
 
@@ -143,6 +145,7 @@ impl ServerHandshake {
             version: hello.version,
             session_id: self.session_id,
             session_key,
+            client_key: hello.client_key,
             cipher,
         })
     }

@@ -6,9 +6,12 @@
 //! parsing with authorization checks, and the recipient/sender commands with the reference
 //! delivery rules (one unacknowledged message per subscription, END/DELD, quota marker).
 //!
+//! It also proxies: PRXY/PFWD from clients (this relay as the proxy) and RFWD from another
+//! relay (this relay as the destination), see the `proxy` module notes.
+//!
 //! What it does **not** do: short links (LSET/LGET/…), service certificates (SUBS/NSUBS),
-//! push notification delivery (NMSG), message expiry, basic-auth passwords, or proxying
-//! (PRXY/PFWD, answered with `ERR CMD PROHIBITED`). Its session id is 32 random bytes per
+//! push notification delivery (NMSG), message expiry, basic-auth passwords (ignored). Those
+//! commands are answered with `ERR CMD PROHIBITED`. Its session id is 32 random bytes per
 //! connection sent in ServerHello, not tls-unique (rustls does not expose the Finished
 //! message); clients take the session id from ServerHello. It is not hardened for public
 //! deployment.

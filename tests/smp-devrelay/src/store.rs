@@ -22,6 +22,10 @@ use crate::store_log::{Record, StoreLog};
 pub(crate) const ID_LEN: usize = 24;
 
 /// A server event for one connection: `(entityId, response)`, sent with an empty corrId.
+///
+/// Unbounded on purpose: per subscribed queue at most one MSG (one unacknowledged message at
+/// a time) plus one END/DELD can be queued, so the backlog is bounded by the connection's
+/// subscriptions, and the store never has to wait under its lock.
 pub(crate) type EventTx = mpsc::UnboundedSender<(Vec<u8>, Response)>;
 
 /// Identifies one client connection inside the store.

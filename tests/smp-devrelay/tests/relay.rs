@@ -653,10 +653,18 @@ async fn binary_prints_its_addresses_and_stops_on_sigterm() {
     use std::io::BufRead as _;
     let dir = tempfile::tempdir().unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_smp-devrelay"))
-        .args(["--listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0", "--quota", "5"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--ws-listen",
+            "127.0.0.1:0",
+            "--quota",
+            "5",
+        ])
         .arg("--cert-dir")
         .arg(dir.path())
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
@@ -667,8 +675,11 @@ async fn binary_prints_its_addresses_and_stops_on_sigterm() {
     assert!(dir.path().join("identity.pem").exists());
 
     // A real client gets through to the printed address.
-    let key_hash = muxd_smp::cert::KeyHash::from_bytes(address.key_hash.clone().try_into().unwrap());
-    let addr = format!("127.0.0.1:{}", address.port.unwrap()).parse().unwrap();
+    let key_hash =
+        muxd_smp::cert::KeyHash::from_bytes(address.key_hash.clone().try_into().unwrap());
+    let addr = format!("127.0.0.1:{}", address.port.unwrap())
+        .parse()
+        .unwrap();
     let (io, leaf) = dial(addr, &key_hash, false).await;
     let mut c = Client::handshake(io, leaf, key_hash, ConnectionConfig::default()).await;
     assert_eq!(c.cmd(b"", &Command::Ping, None).await, Ok(Response::Pong));
@@ -678,6 +689,108 @@ async fn binary_prints_its_addresses_and_stops_on_sigterm() {
         .status()
         .unwrap();
     assert!(status.success());
-    let exit = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(exit.success(), "{exit:?}");
+}
+
+/// PRXY through relay P to relay R, then SEND to R's queue via PFWD → RFWD → RRES → PRES.
+#[tokio::test]
+async fn proxied_send_through_a_second_relay() {
+    use muxd_smp::block::{BatchBuilder, decode_batch};
+    use muxd_smp::cert::{CertPublicKey, SignedKey, key_hash};
+    use muxd_smp::command::ServerRef;
+    use muxd_smp::crypto::{cb_decrypt, cb_encrypt};
+    use muxd_smp::keys::X25519PublicKey;
+    use muxd_smp::transmission::{Authorized, Transmission, encode_transmission};
+
+    let dest = relay().await;
+    let proxy = relay().await;
+    let mut rcv = Client::connect(&dest).await;
+    let mut r = Recipient::new();
+    r.create(&mut rcv, SubscriptionMode::Subscribe).await;
+
+    let (io, leaf) = dial(proxy.local_addr(), &proxy.key_hash(), false).await;
+    let versions = VersionRange::new(6, 18).unwrap();
+    let mut c = RawClient::connect(io, &leaf, proxy.key_hash(), versions, true).await;
+    let prxy = Command::Prxy {
+        server: ServerRef {
+            hosts: vec!["127.0.0.1".into()],
+            port: dest.local_addr().port().to_string(),
+            key_hash: dest.key_hash().as_bytes().to_vec(),
+        },
+        basic_auth: None,
+    };
+    c.write_content(&c.batch(&[1; 24], b"", &prxy)).await;
+    let mut got = c.read().await;
+    let (corr, entity, Response::PKey(pkey)) = got.remove(0) else {
+        panic!("{got:?}")
+    };
+    assert_eq!((corr, entity), (vec![1; 24], Vec::new()));
+    assert_eq!((pkey.min_version, pkey.max_version), (8, 17));
+    // The client checks the relay's identity and signed key, as for a direct connection.
+    assert_eq!(key_hash(&pkey.cert_chain[1]), dest.key_hash());
+    let signed = SignedKey::parse(&pkey.signed_key).unwrap();
+    let dest_leaf = CertPublicKey::from_certificate(&pkey.cert_chain[0]).unwrap();
+    dest_leaf.verify(signed.object, signed.signature).unwrap();
+    let relay_key = X25519PublicKey::from_spki(signed.spki().unwrap()).unwrap();
+
+    // The forwarded SEND, encoded for the relay (its session id implied, corrId = nonce).
+    let forwarded = |body: &[u8], corr: [u8; 24], auth: Option<&QueueAuthKey>| {
+        let v = pkey.max_version;
+        let mut cmd = Vec::new();
+        send(body).encode(v, &mut cmd).unwrap();
+        let a = Authorized::new(&pkey.session_id, &corr, &r.snd_id(), &cmd).unwrap();
+        let auth = auth.map(|k| k.authorize(a.as_bytes(), &corr, Some(&relay_key)).unwrap());
+        let mut t = Vec::new();
+        encode_transmission(v, auth.as_deref().unwrap_or_default(), &a, &mut t).unwrap();
+        let mut batch = BatchBuilder::new();
+        assert!(batch.push(&t));
+        let cmd_key = X25519SecretKey::generate(&mut OsRng);
+        let secret = cmd_key.diffie_hellman(&relay_key);
+        let enc = cb_encrypt(&secret, &corr, &batch.take(), 16226).unwrap();
+        let pfwd = Command::PFwd {
+            version: v,
+            key: cmd_key.public_key().to_spki(),
+            enc,
+        };
+        (pfwd, secret)
+    };
+    for (corr, auth, expected) in [
+        ([7u8; 24], Some(ed25519()), Response::Err(ErrorType::Auth)),
+        ([8u8; 24], None, Response::Ok),
+    ] {
+        let (pfwd, secret) = forwarded(b"via proxy", corr, auth.as_ref());
+        c.write_content(&c.batch(&corr, &pkey.session_id, &pfwd))
+            .await;
+        let mut got = c.read().await;
+        let (got_corr, _, Response::PRes(enc)) = got.remove(0) else {
+            panic!("{got:?}")
+        };
+        assert_eq!(got_corr, corr);
+        let mut nonce = corr;
+        nonce.reverse();
+        let inner = cb_decrypt(&secret, &nonce, &enc).unwrap();
+        let items = decode_batch(&inner).unwrap();
+        let t = Transmission::decode(pkey.max_version, &pkey.session_id, items[0]).unwrap();
+        assert_eq!(t.corr_id, corr);
+        assert_eq!(
+            Response::decode(pkey.max_version, t.command).unwrap(),
+            expected
+        );
+    }
+    let (_, msg) = rcv.event().await;
+    assert_eq!(message(&r, &msg).1, b"via proxy");
+    assert_eq!(dest.stats().command_count("RFWD"), 2);
+
+    // An unknown relay session: ERR PROXY NO_SESSION.
+    let (pfwd, _) = forwarded(b"x", [9; 24], None);
+    c.write_content(&c.batch(&[9; 24], &[0; 32], &pfwd)).await;
+    let got = c.read().await;
+    assert_eq!(
+        got[0].2,
+        Response::Err(ErrorType::Proxy(muxd_smp::error::ProxyError::NoSession))
+    );
 }

@@ -2,7 +2,7 @@
 //! that runs a [`Pool`] against it with virtual time and a seeded RNG.
 
 // Test support: a failed unwrap here is a failed test.
-#![allow(clippy::unwrap_used, dead_code)]
+#![allow(clippy::unwrap_used, dead_code, unreachable_pub)]
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -184,13 +184,14 @@ impl FakeServer {
 
     /// Handles one block from the client; returns the blocks to send, per connection.
     pub fn handle_block(&mut self, conn: u64, block: &[u8]) -> Vec<(u64, Vec<u8>)> {
+        let key_hash = self.key_hash();
         let c = self.conns.get_mut(&conn).unwrap();
         if !c.open || self.stalled {
             return Vec::new();
         }
         if !c.hello_done {
             let hello = ClientHello::decode(unpad_block(block).unwrap()).unwrap();
-            assert_eq!(hello.key_hash, self.key_hash(), "ClientHello keyHash");
+            assert_eq!(hello.key_hash, key_hash, "ClientHello keyHash");
             c.version = hello.version;
             c.hello_done = true;
             if hello.version >= 11

@@ -238,8 +238,9 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
     permit: Arc<OwnedSemaphorePermit>,
 ) {
     let client = end.id;
-    // A frame interrupted by the close, with how much of it was written.
-    let mut partial: Option<(Bytes, usize)> = None;
+    // A frame taken off the queue but interrupted by the close, with how much of it was
+    // written (possibly nothing).
+    let mut interrupted: Option<(Bytes, usize)> = None;
     let closed = end.close.clone();
     loop {
         let frame = tokio::select! {
@@ -264,9 +265,7 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
         match result {
             Ok(true) => {}
             Ok(false) => {
-                if written > 0 {
-                    partial = Some((frame, written));
-                }
+                interrupted = Some((frame, written));
                 break;
             }
             Err(e) => {
@@ -279,11 +278,16 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
     let last = end.take_last_words();
     let budget = last.flush.budget();
     let finish = async {
-        // Finish a half-written frame first, or the last frame would be unparseable.
-        if let Some((frame, written)) = partial {
-            writer.write_all(&frame[written..]).await?;
+        let flush_pending = matches!(last.flush, Flush::Pending(_));
+        // Finish a half-written frame first, or the last frame would be unparseable. A frame
+        // already dequeued but not started still belongs before the pending ones when they
+        // are flushed; otherwise (a slow consumer) it is dropped with the rest.
+        if let Some((frame, written)) = interrupted {
+            if written > 0 || flush_pending {
+                writer.write_all(&frame[written..]).await?;
+            }
         }
-        if matches!(last.flush, Flush::Pending(_)) {
+        if flush_pending {
             while let Ok(frame) = end.queue.try_recv() {
                 writer.write_all(&frame).await?;
             }
