@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -76,10 +77,15 @@ impl GroupCommitter {
             state.leader_active = true;
             let batch = std::mem::take(&mut state.waiting);
             drop(state);
-            let result = self.store.write(|txn| {
-                self.store
-                    .enqueue_in(txn, batch.iter().map(|(_, msg, now)| (msg, *now)))
-            });
+            // A panic in the leader must not leave the followers waiting for a leader that
+            // is gone, so it is turned into an error for the whole batch.
+            let result = catch_unwind(AssertUnwindSafe(|| {
+                self.store.write(|txn| {
+                    self.store
+                        .enqueue_in(txn, batch.iter().map(|(_, msg, now)| (msg, *now)))
+                })
+            }))
+            .unwrap_or_else(|_| Err(StoreError::GroupCommit("commit panicked".to_owned())));
             self.batches.fetch_add(1, Ordering::Relaxed);
             state = self.lock();
             match result {

@@ -207,9 +207,13 @@ impl Harness {
                 "first leases out of order: {ids:?}"
             );
         }
-        // A sent message was leased; no message is both pending and finished.
+        // A message can only have been sent after it was leased.
         for &id in &self.ids {
-            if self.model.state(id).is_some_and(|s| s.state == MessageState::Sent) {
+            if self
+                .model
+                .state(id)
+                .is_some_and(|s| s.state == MessageState::Sent)
+            {
                 assert!(self.leased_once.contains(&id));
             }
         }

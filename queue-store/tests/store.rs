@@ -438,6 +438,38 @@ mod bad_files {
     }
 
     #[test]
+    fn unknown_old_schema_is_corrupt_not_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, store) = new_store(dir.path());
+        let q = QueueRef::new("smp://a", b"q".to_vec());
+        store.enqueue(&msg(&q, b"keep me"), NOW).unwrap();
+        drop(store);
+        {
+            let db = redb::Database::open(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            let meta: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("muxd_meta");
+            txn.open_table(meta)
+                .unwrap()
+                .insert(b"schema_version".as_slice(), 0u32.to_be_bytes().as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let err = open_err(&path);
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        assert!(
+            err.to_string().contains("unknown schema version 0"),
+            "{err}"
+        );
+        // The failed migration rolled back: the data is still there.
+        let db = redb::Database::open(&path).unwrap();
+        let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
+        let msgs: redb::TableDefinition<&[u8], &[u8]> =
+            redb::TableDefinition::new("outbound_messages");
+        let table = txn.open_table(msgs).unwrap();
+        assert_eq!(redb::ReadableTableMetadata::len(&table).unwrap(), 1);
+    }
+
+    #[test]
     fn second_open_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let (path, _store) = new_store(dir.path());

@@ -18,11 +18,12 @@ use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use base64::Engine as _;
 use futures_util::Stream;
 use muxd_ipc_proto::{
     ClientHello, ClientMessage, DecodeError, EncodeError, ErrorCode, ErrorFrame, Event,
-    FrameDecoder, Op, PROTO_VERSION, Reply, Request, ServerHello, ServerMessage, StatusReport,
-    encode_frame,
+    FrameDecoder, Op, PROTO_VERSION, QueueInfo, ReceivedMessage, Reply, Request, ServerHello,
+    ServerMessage, StatusReport, encode_frame,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -255,6 +256,81 @@ impl Client {
         match self.request(Op::Shutdown).await? {
             Reply::ShuttingDown => Ok(()),
             other => Err(unexpected("shutting_down", &other)),
+        }
+    }
+
+    /// Creates a receiving queue on `server` (an `smp://…` address), owned by this app.
+    pub async fn queue_create(
+        &mut self,
+        server: String,
+        websocket: bool,
+    ) -> Result<QueueInfo, ClientError> {
+        match self.request(Op::QueueCreate { server, websocket }).await? {
+            Reply::QueueCreated(q) => Ok(q),
+            other => Err(unexpected("queue_created", &other)),
+        }
+    }
+
+    /// This app's queues.
+    pub async fn queue_list(&mut self) -> Result<Vec<QueueInfo>, ClientError> {
+        match self.request(Op::QueueList).await? {
+            Reply::Queues { queues } => Ok(queues),
+            other => Err(unexpected("queues", &other)),
+        }
+    }
+
+    /// Deletes one of this app's queues.
+    pub async fn queue_delete(&mut self, queue_id: String) -> Result<(), ClientError> {
+        match self.request(Op::QueueDelete { queue_id }).await? {
+            Reply::Done => Ok(()),
+            other => Err(unexpected("done", &other)),
+        }
+    }
+
+    /// Sends `body` to the queue named by `queue_uri`; returns the daemon's message id and
+    /// whether the server took it (`"sent"`) or it waits to go out (`"queued"`).
+    pub async fn send(
+        &mut self,
+        queue_uri: String,
+        body: &[u8],
+    ) -> Result<(String, String), ClientError> {
+        let body_b64 = base64::engine::general_purpose::STANDARD.encode(body);
+        match self
+            .request(Op::Send {
+                queue_uri,
+                body_b64,
+            })
+            .await?
+        {
+            Reply::Sent { message_id, state } => Ok((message_id, state)),
+            other => Err(unexpected("sent", &other)),
+        }
+    }
+
+    /// Messages waiting on one of this app's queues, oldest first: at most `max`, waiting up
+    /// to `wait_ms` for one when none is there.
+    pub async fn recv(
+        &mut self,
+        queue_id: String,
+        max: Option<u32>,
+        wait_ms: Option<u64>,
+    ) -> Result<Vec<ReceivedMessage>, ClientError> {
+        let op = Op::Recv {
+            queue_id,
+            max,
+            wait_ms,
+        };
+        match self.request(op).await? {
+            Reply::Messages { messages } => Ok(messages),
+            other => Err(unexpected("messages", &other)),
+        }
+    }
+
+    /// Tells the daemon the app has message `msg_id` of `queue_id`; the daemon forgets it.
+    pub async fn ack(&mut self, queue_id: String, msg_id: String) -> Result<(), ClientError> {
+        match self.request(Op::Ack { queue_id, msg_id }).await? {
+            Reply::Done => Ok(()),
+            other => Err(unexpected("done", &other)),
         }
     }
 

@@ -19,8 +19,11 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `shutdown` waits for the daemon to close the connection after agreeing to stop.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(15);
 
-/// The application name muxctl announces in its hello.
-const APP_NAME: &str = "muxctl";
+/// The application name muxctl announces in its hello unless `--app` says otherwise.
+const DEFAULT_APP: &str = "muxctl";
+
+/// How long one `recv` long-poll waits at the daemon before asking again.
+const RECV_POLL_MS: u64 = 5_000;
 
 /// Inspect and control the muxd daemon.
 #[derive(Debug, Parser)]
@@ -37,9 +40,34 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
 
+    /// The application name to act as; queues belong to the app that created them
+    #[arg(long, global = true, env = "MUXD_APP", value_name = "NAME", default_value = DEFAULT_APP)]
+    app: String,
+
     /// What to do
     #[command(subcommand)]
     command: Command,
+}
+
+/// `muxctl queue …`.
+#[derive(Debug, Subcommand)]
+#[deny(missing_docs)]
+enum QueueCommand {
+    /// Create a queue on an SMP server and print its id and the URI to give a sender
+    Create {
+        /// The server address: smp://<keyHash>@host[:port]
+        server: String,
+        /// Reach the server over WebSocket instead of plain TLS
+        #[arg(long)]
+        ws: bool,
+    },
+    /// List this app's queues
+    List,
+    /// Delete one of this app's queues on its server
+    Delete {
+        /// The queue id printed by `queue create`
+        queue_id: String,
+    },
 }
 
 /// The subcommands.
@@ -68,6 +96,34 @@ enum Command {
     },
     /// Ask the daemon to shut down gracefully and wait until it has closed the connection
     Shutdown,
+    /// Create, list and delete this app's receiving queues
+    #[command(subcommand)]
+    Queue(QueueCommand),
+    /// Send a message to a queue URI (securing the queue on first use)
+    Send {
+        /// The recipient's queue URI (smp://…/<senderId>#/?v=…&dh=…)
+        queue_uri: String,
+        /// The message text (or use --file)
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        text: Option<String>,
+        /// Send the contents of this file instead of TEXT
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
+    /// Print messages received on one of this app's queues, acknowledging each once printed
+    Recv {
+        /// The queue id printed by `queue create`
+        queue_id: String,
+        /// Keep waiting for new messages until interrupted
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Stop after this many messages, waiting for them if needed
+        #[arg(short = 'n', long, value_name = "N")]
+        count: Option<u64>,
+        /// With --count or --follow: give up (exit 1) after this many seconds without a message
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<f64>,
+    },
     /// Print a shell completion script to standard output
     Completions {
         /// The shell to generate completions for
@@ -129,7 +185,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
-        let mut client = connect(&socket).await?;
+        let mut client = connect(&socket, &cli.app).await?;
         let mut out = Output::new(cli.json);
         match cli.command {
             Command::Status => status(&mut client, &mut out).await,
@@ -140,13 +196,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } => ping(&mut client, &mut out, &socket, count, interval, size).await,
             Command::Watch { interval } => watch(client, &mut out, interval).await,
             Command::Shutdown => shutdown(client, &mut out).await,
+            Command::Queue(q) => queue(&mut client, &mut out, q).await,
+            Command::Send {
+                queue_uri,
+                text,
+                file,
+            } => send(&mut client, &mut out, queue_uri, text, file).await,
+            Command::Recv {
+                queue_id,
+                follow,
+                count,
+                timeout,
+            } => recv(&mut client, &mut out, queue_id, follow, count, timeout).await,
             Command::Completions { .. } => Ok(()),
         }
     })
 }
 
-async fn connect(socket: &std::path::Path) -> anyhow::Result<Client> {
-    match tokio::time::timeout(HELLO_TIMEOUT, Client::connect(socket, APP_NAME)).await {
+async fn connect(socket: &std::path::Path, app: &str) -> anyhow::Result<Client> {
+    match tokio::time::timeout(HELLO_TIMEOUT, Client::connect(socket, app)).await {
         Ok(Ok(c)) => Ok(c),
         // Kept as a ClientError so main can recognise "not running".
         Ok(Err(e @ ClientError::NotRunning { .. })) => Err(e.into()),
@@ -285,6 +353,136 @@ async fn shutdown(mut client: Client, out: &mut Output) -> anyhow::Result<()> {
         out.text("muxd shut down")
     } else {
         out.text("muxd is shutting down (still draining)")
+    }
+}
+
+async fn queue(client: &mut Client, out: &mut Output, cmd: QueueCommand) -> anyhow::Result<()> {
+    match cmd {
+        QueueCommand::Create { server, ws } => {
+            let q = client
+                .queue_create(server.clone(), ws)
+                .await
+                .with_context(|| format!("cannot create a queue on {server}"))?;
+            if out.json {
+                out.json_line(&q)
+            } else {
+                out.text(&format!(
+                    "queue id:  {}\nqueue uri: {}",
+                    q.queue_id, q.queue_uri
+                ))
+            }
+        }
+        QueueCommand::List => {
+            let queues = client.queue_list().await.context("queue list failed")?;
+            if out.json {
+                return out.json_line(&queues);
+            }
+            if queues.is_empty() {
+                return out.text("no queues");
+            }
+            let mut text = format!("{:<34} {:>7}  {}", "QUEUE ID", "WAITING", "SERVER");
+            for q in &queues {
+                text.push_str(&format!(
+                    "\n{:<34} {:>7}  {}",
+                    q.queue_id, q.waiting, q.server
+                ));
+            }
+            out.text(&text)
+        }
+        QueueCommand::Delete { queue_id } => {
+            client
+                .queue_delete(queue_id.clone())
+                .await
+                .with_context(|| format!("cannot delete queue {queue_id}"))?;
+            if out.json {
+                out.json_line(&serde_json::json!({ "deleted": queue_id }))
+            } else {
+                out.text(&format!("deleted {queue_id}"))
+            }
+        }
+    }
+}
+
+async fn send(
+    client: &mut Client,
+    out: &mut Output,
+    queue_uri: String,
+    text: Option<String>,
+    file: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let body = match (text, file) {
+        (Some(t), _) => t.into_bytes(),
+        (None, Some(f)) => {
+            std::fs::read(&f).with_context(|| format!("cannot read {}", f.display()))?
+        }
+        (None, None) => bail!("nothing to send: give TEXT or --file"),
+    };
+    let (message_id, state) = client.send(queue_uri, &body).await.context("send failed")?;
+    if out.json {
+        out.json_line(&serde_json::json!({ "message_id": message_id, "state": state }))
+    } else {
+        out.text(&format!("{state} {message_id}"))
+    }
+}
+
+async fn recv(
+    client: &mut Client,
+    out: &mut Output,
+    queue_id: String,
+    follow: bool,
+    count: Option<u64>,
+    timeout: Option<f64>,
+) -> anyhow::Result<()> {
+    use base64::Engine as _;
+    let timeout = match timeout {
+        Some(s) if s.is_finite() && s > 0.0 => Some(Duration::from_secs_f64(s)),
+        Some(s) => bail!("invalid timeout {s}: must be a positive number of seconds"),
+        None => None,
+    };
+    // Without --follow or --count: what is waiting now, then exit.
+    let waits = follow || count.is_some();
+    let mut received = 0u64;
+    let mut last_progress = Instant::now();
+    loop {
+        let max = count.map(|c| u32::try_from(c - received).unwrap_or(u32::MAX));
+        let wait_ms = waits.then_some(RECV_POLL_MS);
+        let messages = client
+            .recv(queue_id.clone(), max, wait_ms)
+            .await
+            .with_context(|| format!("recv on queue {queue_id} failed"))?;
+        if !messages.is_empty() {
+            last_progress = Instant::now();
+        }
+        for m in messages {
+            let body = base64::engine::general_purpose::STANDARD
+                .decode(&m.body_b64)
+                .context("the daemon sent a body that is not base64")?;
+            if out.json {
+                out.json_line(&serde_json::json!({
+                    "queue_id": m.queue_id,
+                    "msg_id": m.msg_id,
+                    "ts": m.ts,
+                    "body": String::from_utf8_lossy(&body),
+                    "body_b64": m.body_b64,
+                }))?;
+            } else {
+                out.text(&String::from_utf8_lossy(&body))?;
+            }
+            // Acknowledge only once the message has been written out.
+            client
+                .ack(m.queue_id.clone(), m.msg_id.clone())
+                .await
+                .with_context(|| format!("ack of {} failed", m.msg_id))?;
+            received += 1;
+        }
+        if count.is_some_and(|c| received >= c) || !waits {
+            return Ok(());
+        }
+        if let Some(t) = timeout {
+            if last_progress.elapsed() >= t {
+                bail!("timed out after {received} messages");
+            }
+        }
     }
 }
 

@@ -148,7 +148,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> BlockStream<S> {
     pub async fn close(&mut self) -> Result<(), TransportError> {
         match &mut self.carrier {
             Carrier::Tls { io, .. } => io.shutdown().await?,
-            Carrier::WebSocket(ws) => ws.close(None).await?,
+            Carrier::WebSocket(ws) => WebSocketStream::close(ws, None).await?,
         }
         Ok(())
     }

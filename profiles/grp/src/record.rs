@@ -52,17 +52,27 @@ impl RecordLayer {
         self.limit = limit.clamp(1, RECORD_LIMIT);
     }
 
-    /// Starts both counters at `n` as if `n` records had flowed each way, rekeying as the
+    /// Moves both counters to `n` as if `n` records had flowed each way, rekeying as the
     /// schedule would have (tests of the rekey boundary and the limit use it).
     pub fn skip_to(&mut self, n: u64) {
-        // The rekey before record k happens when k is sealed/opened, so skipping records
-        // 0..n performs the rekeys for every boundary k < n.
+        self.skip_sent_to(n);
+        self.skip_received_to(n);
+    }
+
+    /// Moves the sending counter to `n` (see [`Self::skip_to`]).
+    pub fn skip_sent_to(&mut self, n: u64) {
+        // The rekey before record k happens when k is sealed, so skipping records 0..n
+        // performs the rekeys for every boundary k < n.
         while self.send_n < n {
             if self.send_n > 0 && self.send_n % REKEY_EVERY == 0 {
                 self.state.rekey_outgoing();
             }
             self.send_n += 1;
         }
+    }
+
+    /// Moves the receiving counter to `n` (see [`Self::skip_to`]).
+    pub fn skip_received_to(&mut self, n: u64) {
         while self.recv_n < n {
             if self.recv_n > 0 && self.recv_n % REKEY_EVERY == 0 {
                 self.state.rekey_incoming();

@@ -369,7 +369,9 @@ fn chacha(key: &[u8; 32], n: u64, plain: &[u8]) -> Vec<u8> {
 fn entry_block(e: V<'_>, sid: &[u8; 32]) -> Vec<u8> {
     if !e.has("block_content") {
         let block = cover_block();
-        e.get("block_sha256").v().eq_sha256(&block);
+        if e.has("block_sha256") {
+            e.get("block_sha256").v().eq_sha256(&block);
+        }
         return block;
     }
     let content = e.get("block_content").v().hex();
@@ -406,8 +408,8 @@ fn records(v: V<'_>, s: &mut Sessions) {
     for e in v.get("client_to_relay").v().items() {
         let e = e.v();
         let n = e.get("n").v().u64();
-        s.client.records.skip_to(n);
-        s.relay.records.skip_to(n);
+        s.client.records.skip_sent_to(n);
+        s.relay.records.skip_received_to(n);
         let block = entry_block(e, &sid);
         let record = s.client.records.seal(&block).unwrap();
         e.get("record").v().eq_hex(&record);
@@ -452,9 +454,8 @@ fn x25519_auth(v: V<'_>, sid: &[u8; 32]) {
     v.get("authenticator").v().eq_hex(&auth);
     let t = transmission(&auth, sid, &corr, &entity, &cmd);
     v.get("transmission").v().eq_hex(&t);
-    v.get("block_content")
-        .v()
-        .eq_hex(&batch_block(&single_batch(&t)).unwrap()[..t.len() + 5]);
+    // Here `block_content` is the batch itself (no W16 prefix, unlike the record vectors).
+    v.get("block_content").v().eq_hex(&single_batch(&t));
 }
 
 /// Returns the NEW corrId and the recipient DH private key for `queue_flow`.
@@ -708,14 +709,14 @@ fn uris(v: V<'_>) {
         let path = c.get("path");
         path.v().mark();
         assert_eq!(path.val.as_str(), a.path.as_deref());
-        let canonical = c.get("canonical").v().str();
+        let canonical = c.get("canonical").v().str().to_owned();
         assert_eq!(a.to_string(), canonical);
         // The canonical form parses to the same address.
         assert_eq!(canonical.parse::<RelayAddress>().unwrap(), a);
     }
     for case in v.get("invalid").v().items() {
         let c = case.v();
-        let uri = c.get("uri").v().str();
+        let uri = c.get("uri").v().str().to_owned();
         let err = uri.parse::<RelayAddress>().unwrap_err();
         assert_eq!(err.name(), c.get("error").v().str(), "{uri}");
     }

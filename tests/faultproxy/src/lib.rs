@@ -325,15 +325,6 @@ async fn connection(
     // One token per connection: a reset, a shutdown, or a failure in either direction
     // aborts both.
     let conn = token.child_token();
-    let stop_on_shutdown = {
-        let conn = conn.clone();
-        async move {
-            tokio::select! {
-                () = shutdown.cancelled() => conn.cancel(),
-                () = conn.cancelled() => {}
-            }
-        }
-    };
     let (client_r, client_w) = client.into_split();
     let (upstream_r, upstream_w) = upstream.into_split();
     let up = Pump {
@@ -350,9 +341,15 @@ async fn connection(
         shared: &shared,
         cancel: conn.clone(),
     };
-    let ((), (), ()) = tokio::join!(up.run(), down.run(), async {
-        stop_on_shutdown.await;
+    let mut pumps = std::pin::pin!(async {
+        tokio::join!(up.run(), down.run());
     });
+    tokio::select! {
+        () = &mut pumps => return,
+        () = shutdown.cancelled() => conn.cancel(),
+    }
+    // Let both directions see the cancel and close with an RST.
+    pumps.await;
 }
 
 /// One direction of a connection.
@@ -384,6 +381,9 @@ impl Pump<'_> {
             // makes whichever half is dropped last close with an RST.
             abort(self.from.as_ref());
             abort(self.to.as_ref());
+            // Dropping a write half sends a FIN, which the peer would read as a clean EOF
+            // before the RST; `forget` leaves the close to the final drop.
+            self.to.forget();
         }
     }
 
