@@ -2,8 +2,13 @@
 //!
 //! The store is a single redb file. It is synchronous and has no async runtime: the daemon owns
 //! one [`Store`] on a dedicated thread and talks to it over channels (an actor, like mini-redis's
-//! `BufferedClient`); [`GroupCommitter`] lets many threads share one durable commit when that is
-//! more convenient.
+//! `BufferedClient`). Such an actor gets group commit by draining every enqueue command waiting
+//! in its channel into one [`Store::enqueue_batch`] and answering each reply channel after that
+//! single commit; [`GroupCommitter`] does the same for callers on many threads sharing an
+//! `Arc<Store>`. `Store` is `Send + Sync`; redb serialises write transactions internally.
+//!
+//! Leases are not expiry-aware: call [`Store::expire`] before leasing (and periodically) so that
+//! expired messages fail instead of being sent.
 //!
 //! What the store guarantees:
 //!
@@ -257,6 +262,13 @@ impl fmt::Debug for Store {
             .finish_non_exhaustive()
     }
 }
+
+// The daemon moves the store into its own thread and the group committer shares it.
+const _: fn() = || {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Store>();
+    send_sync::<GroupCommitter>();
+};
 
 /// Rejects files that are not redb files at all before redb sees them.
 fn check_redb_magic(path: &Path) -> Result<(), StoreError> {

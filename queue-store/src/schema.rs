@@ -48,7 +48,7 @@ pub(crate) const KEY_WRAP_KEY: &[u8] = b"key_wrap";
 pub(crate) const NEXT_OUTBOUND_KEY: &[u8] = b"next_outbound_id";
 pub(crate) const NEXT_MAILBOX_SEQ_KEY: &[u8] = b"next_mailbox_seq";
 
-/// The schema this build writes. Bump it together with a step in [`migrate`].
+/// The schema this build writes and the newest it can read. Older files are migrated on open.
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// What [`check`] learned from a database's meta table.

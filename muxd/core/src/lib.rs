@@ -11,6 +11,8 @@
 //! reply). It does not know the IPC wire types either: the daemon maps [`PoolRequest`],
 //! [`PoolReply`] and [`PoolError`] to and from them.
 
+#![warn(missing_docs)]
+
 mod config;
 mod error;
 mod mailbox;

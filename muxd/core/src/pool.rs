@@ -31,10 +31,10 @@ use crate::server::{
 /// The longest message body an app may send.
 ///
 /// The first message to a queue travels as the confirmation, whose envelope is padded to
-/// 15904 bytes and, in the legacy flow, also carries `'K' ss(44-byte key)`; less the 2-byte
-/// padding length that leaves 15856 bytes. Later messages could be a little longer, but one
+/// 15904 bytes: less the 2-byte padding length and, in the legacy flow, the private header
+/// `'K' ss(44-byte key)`, that leaves 15856 bytes. Later messages could be a little longer, but one
 /// limit for every message keeps a send from failing only because it happened to be first.
-pub const MAX_BODY_LEN: usize = E2E_CONFIRMATION_PAD - 2 - 2 - 44;
+pub const MAX_BODY_LEN: usize = E2E_CONFIRMATION_PAD - 2 - (1 + 1 + 44);
 
 /// The SMP client versions our queue URIs offer (`v=2-4`: every host in the authority,
 /// sender may secure, short-link aware).
@@ -200,9 +200,7 @@ impl<M: Mailbox> Pool<M> {
             PoolRequest::DeleteQueue { queue_id } => {
                 self.delete_queue(now, rng, app, token, queue_id)
             }
-            PoolRequest::Send { queue_uri, body } => {
-                self.send(now, rng, token, &queue_uri, body)
-            }
+            PoolRequest::Send { queue_uri, body } => self.send(now, rng, token, &queue_uri, body),
         };
         if let Err(e) = result {
             self.reply(token, Err(e));
@@ -289,7 +287,9 @@ impl<M: Mailbox> Pool<M> {
                     self.config.connect_timeout.as_secs()
                 );
                 self.lost(now, key, reason);
-                self.actions.push_back(Action::Disconnect { server: key.clone() });
+                self.actions.push_back(Action::Disconnect {
+                    server: key.clone(),
+                });
                 continue;
             }
             if let Some(conn) = s.conn.as_mut()
@@ -475,7 +475,12 @@ impl<M: Mailbox> Pool<M> {
     }
 
     /// Works off the server's waiting requests when it is up, else asks for a connection.
-    fn connect_or_run<R: RngCore + CryptoRng>(&mut self, now: Instant, rng: &mut R, key: &ServerKey) {
+    fn connect_or_run<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+        key: &ServerKey,
+    ) {
         let Some(s) = self.servers.get_mut(key) else {
             return;
         };
@@ -778,9 +783,12 @@ impl<M: Mailbox> Pool<M> {
             }
             Event::BadBlock(fault) => tracing::warn!(server = %key, %fault, "bad block"),
             Event::Closed(error) => {
-                let reason = error.map_or_else(|| "connection closed".to_owned(), |e| e.to_string());
+                let reason =
+                    error.map_or_else(|| "connection closed".to_owned(), |e| e.to_string());
                 self.lost(now, key, reason);
-                self.actions.push_back(Action::Disconnect { server: key.clone() });
+                self.actions.push_back(Action::Disconnect {
+                    server: key.clone(),
+                });
             }
             other => tracing::debug!(server = %key, ?other, "ignored connection event"),
         }
@@ -969,11 +977,7 @@ impl<M: Mailbox> Pool<M> {
         body: &[u8],
     ) {
         let queue_id = base64url_encode(rcv_id);
-        let Some(q) = self
-            .queues
-            .get_mut(&queue_id)
-            .filter(|q| q.server == *key)
-        else {
+        let Some(q) = self.queues.get_mut(&queue_id).filter(|q| q.server == *key) else {
             tracing::debug!(server = %key, %queue_id, "MSG for an unknown queue");
             return;
         };

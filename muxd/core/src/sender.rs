@@ -180,12 +180,10 @@ impl SndQueue {
     /// Forgets everything in flight after the connection died: the messages themselves are
     /// failed by the caller, and what may have reached the server is re-checked next time.
     pub(crate) fn reset_after_loss(&mut self) {
-        let confirmation_in_flight = self.outbox.iter().any(|m| {
-            matches!(
-                m.state,
-                OutState::InFlight(SendKind::Confirmation { .. })
-            )
-        });
+        let confirmation_in_flight = self
+            .outbox
+            .iter()
+            .any(|m| matches!(m.state, OutState::InFlight(SendKind::Confirmation { .. })));
         if confirmation_in_flight {
             self.confirmation = Confirmation::Unknown;
         }

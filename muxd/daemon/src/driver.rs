@@ -3,25 +3,41 @@
 //! Sessions only parse frames and forward requests here over a bounded channel; the answers go
 //! back through each client's non-blocking [`ClientHandle`]. [`Hub`] holds the state and the
 //! decisions with time passed in, so it is tested without a runtime; [`drive`] is the thin
-//! async loop around it. The upstream pool joins this loop later (STYLE practice 2): its inputs
-//! become more `select!` arms and its deadlines fold into [`Hub::poll_timeout`].
+//! async loop around it (STYLE practice 2). Its inputs are IPC commands, events from the
+//! upstream transport tasks and one timer; after each input it drains the pool's socket
+//! actions into [`Upstreams`] and re-arms the timer from [`Hub::poll_timeout`].
+//!
+//! The upstream pool (`muxd_core::Pool`) lives inside the hub: queue requests go to it with a
+//! [`RequestToken`] that maps back to the client and request id, its replies become IPC
+//! responses, and `recv` long-polls wait here (not in the pool) until a message arrives or
+//! their `wait_ms` passes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use muxd_ipc_proto::{
-    ErrorCode, ErrorFrame, Event, Op, Reply, Request, Response, ServerMessage, StatusReport,
+use base64::Engine as _;
+use muxd_core::{
+    Action, Pool, PoolConfig, PoolError, PoolEvent, PoolReply, PoolRequest, RequestToken,
+    ServerStatus,
 };
+use muxd_ipc_proto::{
+    ErrorCode, ErrorFrame, Event, Op, QueueInfo, ReceivedMessage, Reply, Request, Response,
+    ServerMessage, StatusReport, UpstreamStatus,
+};
+use rand_chacha::ChaCha20Rng;
 use tokio::sync::mpsc;
 
 use crate::ipc::client::{ClientHandle, ClientId, Flush, SLOW_CONSUMER_BUDGET, SendError, encode};
 use crate::shutdown::{ShutdownReason, ShutdownSignal};
-use crate::status::UpstreamSource;
+use crate::upstream::{UpstreamEvent, UpstreamEventKind, Upstreams};
 
 /// Bound on a client-chosen `watch` interval. Below it a single watcher could keep the driver
 /// busy serialising status reports; above it the value is surely a mistake.
 const WATCH_INTERVAL_BOUNDS: (Duration, Duration) =
     (Duration::from_millis(10), Duration::from_secs(86_400));
+
+/// Longest `recv` long-poll: clients re-ask, and a forgotten waiter should not live for days.
+const MAX_RECV_WAIT: Duration = Duration::from_secs(300);
 
 /// What sessions ask of the driver.
 #[derive(Debug)]
@@ -38,11 +54,21 @@ pub(crate) enum Command {
 #[derive(Debug)]
 pub(crate) struct Hub {
     started: Instant,
+    /// Wall time at `started`, so status can give Unix times without reading a clock.
+    started_unix_ms: u64,
     pid: u32,
     default_watch_interval: Duration,
     clients: BTreeMap<ClientId, Client>,
-    upstreams: Box<dyn UpstreamSource>,
-    /// Set when the client count changed and watchers have not been told yet.
+    pool: Pool,
+    rng: ChaCha20Rng,
+    next_token: u64,
+    /// Pool requests in flight: who asked, and the id to answer with.
+    pending: BTreeMap<RequestToken, (ClientId, u64)>,
+    /// `recv` requests waiting for a message.
+    waiters: Vec<RecvWaiter>,
+    /// The pool's socket actions, for the drive loop to carry out.
+    socket_actions: VecDeque<Action>,
+    /// Set when the client count or an upstream changed and watchers have not been told yet.
     status_dirty: bool,
     shutdown_requested: bool,
 }
@@ -60,19 +86,38 @@ struct Watch {
     next_due: Instant,
 }
 
+/// A `recv` that found nothing waiting and may wait.
+#[derive(Debug)]
+struct RecvWaiter {
+    client: ClientId,
+    id: u64,
+    app: String,
+    queue_id: String,
+    max: Option<usize>,
+    deadline: Instant,
+}
+
 impl Hub {
     pub(crate) fn new(
         now: Instant,
+        now_unix_ms: u64,
         pid: u32,
         default_watch_interval: Duration,
-        upstreams: Box<dyn UpstreamSource>,
+        pool_config: PoolConfig,
+        rng: ChaCha20Rng,
     ) -> Self {
         Self {
             started: now,
+            started_unix_ms: now_unix_ms,
             pid,
             default_watch_interval,
             clients: BTreeMap::new(),
-            upstreams,
+            pool: Pool::new(pool_config),
+            rng,
+            next_token: 1,
+            pending: BTreeMap::new(),
+            waiters: Vec::new(),
+            socket_actions: VecDeque::new(),
             status_dirty: false,
             shutdown_requested: false,
         }
@@ -102,13 +147,36 @@ impl Hub {
                     tracing::debug!(%client, app = %c.app, "client unregistered");
                     self.status_dirty = true;
                 }
+                self.waiters.retain(|w| w.client != client);
             }
             Command::Request { client, request } => self.handle_request(now, client, request),
         }
+        self.drain_pool();
         self.publish_changes(now);
     }
 
-    /// Sends the periodic status events that are due.
+    /// An upstream task's news (the caller has checked it is not stale).
+    pub(crate) fn handle_upstream(&mut self, now: Instant, event: UpstreamEvent) {
+        let server = event.server;
+        match event.kind {
+            UpstreamEventKind::Connected(info) => {
+                self.pool
+                    .handle_connected(now, &mut self.rng, &server, info);
+            }
+            UpstreamEventKind::Block(block) => {
+                self.pool
+                    .handle_block(now, &mut self.rng, &server, &block[..]);
+            }
+            UpstreamEventKind::Disconnected(reason) => {
+                tracing::info!(%server, %reason, "upstream disconnected");
+                self.pool.handle_disconnected(now, &server, reason);
+            }
+        }
+        self.drain_pool();
+        self.publish_changes(now);
+    }
+
+    /// Fires what is due: status events, the pool's timers, `recv` waits that ran out.
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
         let due: Vec<ClientId> = self
             .clients
@@ -122,15 +190,33 @@ impl Hub {
                 self.send_status(now, id, frame.clone());
             }
         }
+        if self.pool.poll_timeout().is_some_and(|t| t <= now) {
+            self.pool.handle_timeout(now, &mut self.rng);
+        }
+        let (expired, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
+            .into_iter()
+            .partition(|w| w.deadline <= now);
+        self.waiters = waiting;
+        for w in expired {
+            self.answer_recv(&w);
+        }
+        self.drain_pool();
         self.publish_changes(now);
     }
 
     /// The earliest moment [`handle_timeout`](Self::handle_timeout) has work.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
-        self.clients
+        let watches = self
+            .clients
             .values()
-            .filter_map(|c| c.watch.as_ref().map(|w| w.next_due))
-            .min()
+            .filter_map(|c| c.watch.as_ref().map(|w| w.next_due));
+        let waits = self.waiters.iter().map(|w| w.deadline);
+        watches.chain(waits).chain(self.pool.poll_timeout()).min()
+    }
+
+    /// The next socket action of the pool (connect, transmit, disconnect).
+    pub(crate) fn poll_socket_action(&mut self) -> Option<Action> {
+        self.socket_actions.pop_front()
     }
 
     /// Whether a client asked for shutdown since the last call.
@@ -143,6 +229,7 @@ impl Hub {
         let frame = encode(&ServerMessage::Event(Event::ShuttingDown {
             reason: reason.as_str().to_owned(),
         }));
+        self.waiters.clear();
         for (_, c) in std::mem::take(&mut self.clients) {
             c.handle.close(crate::ipc::client::LastWords {
                 frame: frame.clone(),
@@ -156,6 +243,7 @@ impl Hub {
             // Raced with its own disconnect (e.g. dropped as a slow consumer).
             return;
         };
+        let app = c.app.clone();
         let id = request.id;
         let reply = match request.op {
             Op::Status => Reply::Status(self.status(now)),
@@ -187,6 +275,64 @@ impl Hub {
                 self.shutdown_requested = true;
                 Reply::ShuttingDown
             }
+            Op::QueueCreate { server, websocket } => {
+                let request = PoolRequest::CreateQueue { server, websocket };
+                self.ask_pool(now, client, id, &app, request);
+                return;
+            }
+            Op::QueueDelete { queue_id } => {
+                self.ask_pool(now, client, id, &app, PoolRequest::DeleteQueue { queue_id });
+                return;
+            }
+            Op::Send {
+                queue_uri,
+                body_b64,
+            } => {
+                let body = match base64::engine::general_purpose::STANDARD.decode(&body_b64) {
+                    Ok(body) => body,
+                    Err(e) => {
+                        let e = PoolError::InvalidArgument(format!("body_b64: {e}"));
+                        self.fail(client, id, &e);
+                        return;
+                    }
+                };
+                self.ask_pool(now, client, id, &app, PoolRequest::Send { queue_uri, body });
+                return;
+            }
+            Op::QueueList => Reply::Queues {
+                queues: self.pool.queues(&app).iter().map(queue_info).collect(),
+            },
+            Op::Recv {
+                queue_id,
+                max,
+                wait_ms,
+            } => {
+                let waiter = RecvWaiter {
+                    client,
+                    id,
+                    app,
+                    queue_id,
+                    max: max.map(|m| usize::try_from(m).unwrap_or(usize::MAX)),
+                    deadline: now + Duration::from_millis(wait_ms.unwrap_or(0)).min(MAX_RECV_WAIT),
+                };
+                let waiting = self
+                    .pool
+                    .messages(&waiter.app, &waiter.queue_id, Some(1))
+                    .is_ok_and(|m| m.is_empty());
+                if waiting && waiter.deadline > now {
+                    self.waiters.push(waiter);
+                } else {
+                    self.answer_recv(&waiter);
+                }
+                return;
+            }
+            Op::Ack { queue_id, msg_id } => match self.pool.ack(&app, &queue_id, &msg_id) {
+                Ok(()) => Reply::Done,
+                Err(e) => {
+                    self.fail(client, id, &e);
+                    return;
+                }
+            },
             // `Op` may grow; an older daemon answers the new op with an error, not a hang.
             _ => {
                 let err = ErrorFrame {
@@ -199,6 +345,116 @@ impl Hub {
             }
         };
         self.reply(client, Response { id, reply });
+    }
+
+    /// Hands a request to the pool; its answer comes back through [`Self::drain_pool`].
+    fn ask_pool(
+        &mut self,
+        now: Instant,
+        client: ClientId,
+        id: u64,
+        app: &str,
+        request: PoolRequest,
+    ) {
+        let token = RequestToken(self.next_token);
+        self.next_token += 1;
+        self.pending.insert(token, (client, id));
+        self.pool
+            .handle_request(now, &mut self.rng, app, token, request);
+    }
+
+    /// Carries out the pool's actions: replies and events here, socket actions queued for
+    /// the drive loop.
+    fn drain_pool(&mut self) {
+        while let Some(action) = self.pool.poll_action() {
+            match action {
+                Action::Reply { token, result } => {
+                    let Some((client, id)) = self.pending.remove(&token) else {
+                        continue;
+                    };
+                    match result {
+                        Ok(reply) => {
+                            self.reply(
+                                client,
+                                Response {
+                                    id,
+                                    reply: ipc_reply(reply),
+                                },
+                            );
+                        }
+                        Err(e) => self.fail(client, id, &e),
+                    }
+                }
+                Action::Event(event) => self.handle_pool_event(event),
+                other => self.socket_actions.push_back(other),
+            }
+        }
+    }
+
+    fn handle_pool_event(&mut self, event: PoolEvent) {
+        match event {
+            PoolEvent::MessageArrived { app, queue_id } => {
+                let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
+                    .into_iter()
+                    .partition(|w| w.app == app && w.queue_id == queue_id);
+                self.waiters = waiting;
+                for w in ready {
+                    self.answer_recv(&w);
+                }
+            }
+            PoolEvent::ServerChanged { server, state } => {
+                tracing::debug!(%server, state = state.as_str(), "upstream state");
+                self.status_dirty = true;
+            }
+            PoolEvent::SubscriptionChanged {
+                app,
+                queue_id,
+                subscription,
+            } => {
+                tracing::debug!(%app, %queue_id, subscription = subscription.as_str(), "queue subscription");
+            }
+            other => tracing::debug!(?other, "pool event"),
+        }
+    }
+
+    /// Answers a `recv` with what waits now (possibly nothing).
+    fn answer_recv(&mut self, w: &RecvWaiter) {
+        match self.pool.messages(&w.app, &w.queue_id, w.max) {
+            Ok(messages) => {
+                let messages = messages
+                    .into_iter()
+                    .map(|m| ReceivedMessage {
+                        queue_id: m.queue_id,
+                        msg_id: m.msg_id,
+                        ts: m.ts,
+                        body_b64: base64::engine::general_purpose::STANDARD.encode(&m.body),
+                    })
+                    .collect();
+                self.reply(
+                    w.client,
+                    Response {
+                        id: w.id,
+                        reply: Reply::Messages { messages },
+                    },
+                );
+            }
+            Err(e) => self.fail(w.client, w.id, &e),
+        }
+    }
+
+    fn fail(&mut self, client: ClientId, id: u64, e: &PoolError) {
+        let code = match e {
+            PoolError::NotFound(_) => ErrorCode::NotFound,
+            PoolError::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            PoolError::Upstream { .. } => ErrorCode::Upstream,
+            _ => ErrorCode::Internal,
+        };
+        let err = ErrorFrame {
+            id: Some(id),
+            code,
+            message: e.to_string(),
+        };
+        self.deliver(client, &ServerMessage::Error(err));
     }
 
     fn reply(&mut self, client: ClientId, response: Response) -> bool {
@@ -227,16 +483,20 @@ impl Hub {
                     "outbound buffer full: the client did not read its frames fast enough",
                     Flush::Discard(SLOW_CONSUMER_BUDGET),
                 );
-                self.clients.remove(&client);
-                self.status_dirty = true;
+                self.drop_client(client);
                 false
             }
             Err(SendError::Closed | SendError::Encode) => {
-                self.clients.remove(&client);
-                self.status_dirty = true;
+                self.drop_client(client);
                 false
             }
         }
+    }
+
+    fn drop_client(&mut self, client: ClientId) {
+        self.clients.remove(&client);
+        self.waiters.retain(|w| w.client != client);
+        self.status_dirty = true;
     }
 
     fn send_status(&mut self, now: Instant, client: ClientId, frame: Option<bytes::Bytes>) {
@@ -249,8 +509,9 @@ impl Hub {
         }
     }
 
-    /// Tells every watcher about a changed client count. Dropping a slow watcher changes the
-    /// count again, so this repeats until nothing changes (each round removes a client or ends).
+    /// Tells every watcher about a changed client count or upstream. Dropping a slow watcher
+    /// changes the count again, so this repeats until nothing changes (each round removes a
+    /// client or ends).
     fn publish_changes(&mut self, now: Instant) {
         while std::mem::take(&mut self.status_dirty) {
             let watchers: Vec<ClientId> = self
@@ -270,38 +531,80 @@ impl Hub {
     }
 
     fn status(&self, now: Instant) -> StatusReport {
-        status_report(
-            self.started,
-            now,
-            self.pid,
-            self.clients.len(),
-            self.upstreams.as_ref(),
-        )
+        StatusReport {
+            daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: self.pid,
+            uptime_ms: millis(now.saturating_duration_since(self.started)),
+            clients: u32::try_from(self.clients.len()).unwrap_or(u32::MAX),
+            upstreams: self
+                .pool
+                .status()
+                .iter()
+                .map(|s| self.upstream_status(s))
+                .collect(),
+        }
+    }
+
+    fn upstream_status(&self, s: &ServerStatus) -> UpstreamStatus {
+        UpstreamStatus {
+            server: s.server.address().to_owned(),
+            profile: s.profile.to_owned(),
+            transport: s.server.transport().as_str().to_owned(),
+            state: s.state.as_str().to_owned(),
+            state_since_unix_ms: self
+                .started_unix_ms
+                .saturating_add(millis(s.since.saturating_duration_since(self.started))),
+            last_error: s.last_error.clone(),
+            queues: u32::try_from(s.queues).unwrap_or(u32::MAX),
+        }
     }
 }
 
-fn status_report(
-    started: Instant,
-    now: Instant,
-    pid: u32,
-    clients: usize,
-    upstreams: &dyn UpstreamSource,
-) -> StatusReport {
-    StatusReport {
-        daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
-        pid,
-        uptime_ms: u64::try_from(now.saturating_duration_since(started).as_millis())
-            .unwrap_or(u64::MAX),
-        clients: u32::try_from(clients).unwrap_or(u32::MAX),
-        upstreams: upstreams.snapshot(),
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn queue_info(q: &muxd_core::QueueInfo) -> QueueInfo {
+    QueueInfo {
+        queue_id: q.queue_id.clone(),
+        server: q.server.to_string(),
+        queue_uri: q.queue_uri.clone(),
+        waiting: u32::try_from(q.waiting).unwrap_or(u32::MAX),
     }
+}
+
+fn ipc_reply(reply: PoolReply) -> Reply {
+    match reply {
+        PoolReply::QueueCreated(info) => Reply::QueueCreated(queue_info(&info)),
+        PoolReply::Deleted => Reply::Done,
+        // The pool answers a send once the server accepted it.
+        PoolReply::Sent { message_id } => Reply::Sent {
+            message_id,
+            state: "sent".to_owned(),
+        },
+        other => {
+            tracing::error!(?other, "pool reply this daemon does not know");
+            Reply::Done
+        }
+    }
+}
+
+/// What woke the drive loop.
+enum Wake {
+    Shutdown,
+    Timer,
+    Upstream(Option<UpstreamEvent>),
+    Writable,
+    Command(Option<Command>),
 }
 
 /// Runs the hub until shutdown starts (or every session sender is gone), then sends every
-/// client its `shutting_down` event.
+/// client its `shutting_down` event and stops the upstream tasks.
 pub(crate) async fn drive(
     mut hub: Hub,
     mut commands: mpsc::Receiver<Command>,
+    mut upstreams: Upstreams,
+    mut upstream_events: mpsc::Receiver<UpstreamEvent>,
     shutdown: ShutdownSignal,
     grace: Duration,
 ) {
@@ -313,15 +616,31 @@ pub(crate) async fn drive(
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
+        let backlog = upstreams.has_backlog();
+        let wake = tokio::select! {
             biased;
-            () = shutdown.cancelled() => break,
-            // Timers before commands, so a flood of requests cannot starve the watchers.
-            () = sleep => hub.handle_timeout(Instant::now()),
-            cmd = commands.recv() => match cmd {
-                Some(cmd) => hub.handle_command(Instant::now(), cmd),
-                None => break,
-            },
+            () = shutdown.cancelled() => Wake::Shutdown,
+            // Timers before other input, so a flood of requests cannot starve the watchers.
+            () = sleep => Wake::Timer,
+            ev = upstream_events.recv() => Wake::Upstream(ev),
+            () = std::future::poll_fn(|cx| upstreams.poll_writable(cx)), if backlog => Wake::Writable,
+            cmd = commands.recv() => Wake::Command(cmd),
+        };
+        match wake {
+            Wake::Shutdown | Wake::Command(None) => break,
+            // The async timer may wake a little early or late; the hub checks `now` itself.
+            Wake::Timer => hub.handle_timeout(Instant::now()),
+            Wake::Upstream(Some(ev)) => {
+                if upstreams.accept(&ev) {
+                    hub.handle_upstream(Instant::now(), ev);
+                }
+            }
+            // The hub holds a sender of this channel's through `upstreams`; it cannot close.
+            Wake::Upstream(None) | Wake::Writable => {}
+            Wake::Command(Some(cmd)) => hub.handle_command(Instant::now(), cmd),
+        }
+        while let Some(action) = hub.poll_socket_action() {
+            upstreams.execute(action);
         }
         if hub.poll_shutdown_request() {
             shutdown.trigger(ShutdownReason::Request);
@@ -332,17 +651,26 @@ pub(crate) async fn drive(
         "telling clients about shutdown"
     );
     hub.close_all(shutdown.reason(), grace);
+    upstreams.close_all();
 }
 
 #[cfg(test)]
 mod tests {
     use muxd_ipc_proto::decode_frame;
 
+    use rand_core::SeedableRng as _;
+
     use super::*;
-    use crate::status::NoUpstreams;
 
     fn hub(now: Instant) -> Hub {
-        Hub::new(now, 42, Duration::from_secs(1), Box::new(NoUpstreams))
+        Hub::new(
+            now,
+            1_000_000,
+            42,
+            Duration::from_secs(1),
+            PoolConfig::default(),
+            ChaCha20Rng::seed_from_u64(7),
+        )
     }
 
     fn connect(hub: &mut Hub, now: Instant, id: u64, buf: usize) -> mpsc::Receiver<bytes::Bytes> {

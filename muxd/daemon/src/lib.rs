@@ -4,21 +4,25 @@
 //! shutdown, or an error occurs. [`bind`] and [`serve`] split that for callers that want the
 //! socket bound before they start serving.
 //!
-//! Inside, one driver task (`driver.rs`) owns the daemon state; each IPC client has a reader and
-//! a writer task (`ipc/session.rs`) and a bounded outbound queue. The driver never waits on a
-//! client, so a client that stops reading is disconnected instead of stalling the others.
+//! Inside, one driver task (`driver.rs`) owns the daemon state, including the upstream pool
+//! (`muxd_core::Pool`); each IPC client has a reader and a writer task (`ipc/session.rs`) and a
+//! bounded outbound queue, and each upstream server connection has one transport task
+//! (`upstream.rs`). The driver never waits on a client or a socket, so a client that stops
+//! reading is disconnected and a slow server only delays its own traffic.
 
 mod config;
 mod driver;
 mod ipc;
 mod shutdown;
-mod status;
+mod upstream;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use interprocess::local_socket::tokio::Listener;
+use rand_core::SeedableRng as _;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -29,11 +33,14 @@ pub use crate::config::{
 };
 pub use crate::ipc::socket::SocketError;
 pub use crate::shutdown::{ShutdownReason, os_signal};
-pub use crate::status::{NoUpstreams, UpstreamSource};
 
 /// Sessions' commands waiting for the driver. Sessions wait for room (they only slow their own
 /// client down); the driver never waits on sessions.
 const COMMAND_QUEUE: usize = 256;
+
+/// Events from upstream transport tasks waiting for the driver. Tasks wait for room, which only
+/// slows the reading of their own socket.
+const UPSTREAM_EVENT_QUEUE: usize = 256;
 
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
@@ -102,16 +109,6 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ShutdownReason>,
 ) -> Result<(), Error> {
-    serve_with(socket, config, Box::new(NoUpstreams), shutdown).await
-}
-
-/// [`serve`] with a given view of the upstream connections.
-pub async fn serve_with(
-    socket: BoundSocket,
-    config: Config,
-    upstreams: Box<dyn UpstreamSource>,
-    shutdown: impl Future<Output = ShutdownReason>,
-) -> Result<(), Error> {
     let BoundSocket { listener, path } = socket;
     tracing::info!(path = %path.display(), "listening on {}", path.display());
     if let Some(notify) = &config.notify_socket {
@@ -124,15 +121,25 @@ pub async fn serve_with(
     let abort = CancellationToken::new();
     let tracker = TaskTracker::new();
     let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (upstream_tx, upstream_rx) = mpsc::channel(UPSTREAM_EVENT_QUEUE);
+    let now_unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     let hub = driver::Hub::new(
         std::time::Instant::now(),
+        now_unix_ms,
         std::process::id(),
         config.watch_interval,
-        upstreams,
+        muxd_core::PoolConfig::default(),
+        // Queue keys and nonces: seeded once from the OS CSPRNG.
+        rand_chacha::ChaCha20Rng::from_entropy(),
     );
+    let upstreams = upstream::Upstreams::new(upstream_tx, tracker.clone());
     let driver = tokio::spawn(driver::drive(
         hub,
         command_rx,
+        upstreams,
+        upstream_rx,
         signal.clone(),
         config.shutdown_grace,
     ));

@@ -229,7 +229,10 @@ fn parse_key(text: &str) -> Result<[u8; 32], AddressError> {
     let b = text.as_bytes();
     // 42 b64, one `last` (two low bits zero), '='.
     const LAST: &[u8] = b"AEIMQUYcgkosw048";
-    if b.len() != 44 || b[43] != b'=' || !b[..42].iter().all(|&c| is_b64(c)) || !LAST.contains(&b[42])
+    if b.len() != 44
+        || b[43] != b'='
+        || !b[..42].iter().all(|&c| is_b64(c))
+        || !LAST.contains(&b[42])
     {
         return Err(AddressError::BadKey);
     }
@@ -302,9 +305,8 @@ fn valid_dns(host: &str) -> bool {
 }
 
 fn parse_port(p: &str) -> Result<u16, AddressError> {
-    let ok = (1..=5).contains(&p.len())
-        && p.bytes().all(|c| c.is_ascii_digit())
-        && !p.starts_with('0');
+    let ok =
+        (1..=5).contains(&p.len()) && p.bytes().all(|c| c.is_ascii_digit()) && !p.starts_with('0');
     if !ok {
         return Err(AddressError::BadPort);
     }
@@ -343,10 +345,19 @@ mod tests {
         assert_eq!(err(format!("grp://{KEY}@01.2.3.4")), AddressError::BadHost);
         assert_eq!(err(format!("grp://{KEY}@a.123")), AddressError::BadHost);
         assert_eq!(err(format!("grp://{KEY}@")), AddressError::BadHost);
-        assert_eq!(err(format!("grp+ws://{KEY}@h.example//x")), AddressError::BadPath);
-        assert_eq!(err(format!("grp://{KEY}@h.example:1x")), AddressError::BadPort);
+        assert_eq!(
+            err(format!("grp+ws://{KEY}@h.example//x")),
+            AddressError::BadPath
+        );
+        assert_eq!(
+            err(format!("grp://{KEY}@h.example:1x")),
+            AddressError::BadPort
+        );
         // Trailing whitespace is not trimmed.
-        assert_eq!(err(format!("grp://{KEY}@h.example ")), AddressError::BadHost);
+        assert_eq!(
+            err(format!("grp://{KEY}@h.example ")),
+            AddressError::BadHost
+        );
         let b: RelayAddress = format!("grp://{KEY}@other.example:1").parse().unwrap();
         assert!(a.same_relay(&b));
     }

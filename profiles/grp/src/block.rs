@@ -252,8 +252,15 @@ mod tests {
         let Ok(Block::Batch(batch)) = Block::decode(&first) else {
             panic!("not a batch")
         };
-        assert_eq!(batch.len(), MAX_BATCH_LEN, "the largest transmission fills a block");
-        assert_eq!(split_batch(batch).unwrap(), [&[1u8; MAX_TRANSMISSION_LEN][..]]);
+        assert_eq!(
+            batch.len(),
+            MAX_BATCH_LEN,
+            "the largest transmission fills a block"
+        );
+        assert_eq!(
+            split_batch(batch).unwrap(),
+            [&[1u8; MAX_TRANSMISSION_LEN][..]]
+        );
         let second = o.pack_block().unwrap();
         let Ok(Block::Batch(batch)) = Block::decode(&second) else {
             panic!("not a batch")

@@ -125,8 +125,9 @@ struct Session {
     renew_at: Instant,
     renew_reported: bool,
     next_ping: Instant,
-    /// Our outstanding PING: its corrId and when it counts as missed.
-    ping: Option<([u8; 24], Instant)>,
+    /// Our unanswered PINGs, oldest first: corrId and when each counts as missed. PINGs go
+    /// out every 25–30 s and may wait 30 s, so two can be outstanding at once.
+    pings: VecDeque<([u8; 24], Instant)>,
     missed: u32,
 }
 
@@ -293,16 +294,18 @@ impl Connection {
                     s.renew_reported = true;
                     self.events.push_back(Event::RenewDue);
                 }
-                if let Some((_, missed_at)) = s.ping
-                    && now >= missed_at
+                while s
+                    .pings
+                    .front()
+                    .is_some_and(|(_, missed_at)| now >= *missed_at)
                 {
-                    s.ping = None;
+                    s.pings.pop_front();
                     s.missed += 1;
-                    if s.missed >= DEAD_AFTER_MISSES {
-                        debug!("GRP link dead: {} PINGs unanswered", s.missed);
-                        self.fail(GrpError::DeadLink);
-                        return;
-                    }
+                }
+                if s.missed >= DEAD_AFTER_MISSES {
+                    debug!("GRP link dead: {} PINGs unanswered", s.missed);
+                    self.fail(GrpError::DeadLink);
+                    return;
                 }
                 if now >= s.next_ping {
                     let mut corr = [0u8; 24];
@@ -310,7 +313,7 @@ impl Connection {
                     s.next_ping = now + ping_interval(&mut self.rng);
                     if let Some(t) = ping_transmission(&s.session_id, &corr) {
                         let _ = s.link.outbox.push(t, now);
-                        s.ping = Some((corr, now + PONG_TIMEOUT));
+                        s.pings.push_back((corr, now + PONG_TIMEOUT));
                     }
                 }
                 self.flush(now);
@@ -333,8 +336,8 @@ impl Connection {
                 if !s.renew_reported {
                     t = t.min(s.renew_at);
                 }
-                if let Some((_, missed_at)) = s.ping {
-                    t = t.min(missed_at);
+                if let Some((_, missed_at)) = s.pings.front() {
+                    t = t.min(*missed_at);
                 }
                 Some(t)
             }
@@ -467,7 +470,7 @@ impl Connection {
             renew_at: now + RENEW_FROM + renew,
             renew_reported: false,
             next_ping: now + ping_interval(&mut self.rng),
-            ping: None,
+            pings: VecDeque::new(),
             missed: 0,
         };
         self.events.push_back(Event::Connected {
@@ -499,11 +502,13 @@ impl Connection {
                 };
                 for t in items {
                     if is_pong(&s.session_id, &t, s.inner_version) {
+                        // Any PONG resets the miss count; one answering our own PING also
+                        // settles the PINGs sent before it, and is not surfaced.
                         s.missed = 0;
-                        if let (Some((ours, _)), Some(corr)) = (s.ping, corr_id(&t, s.inner_version))
-                            && ours == corr
-                        {
-                            s.ping = None;
+                        let ours = corr_id(&t, s.inner_version)
+                            .and_then(|c| s.pings.iter().position(|(p, _)| *p == c));
+                        if let Some(i) = ours {
+                            s.pings.drain(..=i);
                             continue;
                         }
                     }

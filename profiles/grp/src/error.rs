@@ -83,11 +83,9 @@ impl GrpError {
                 Reconnect::Never
             }
             Self::SessionAge | Self::RecordLimit => Reconnect::Now,
-            Self::Network
-            | Self::Timeout
-            | Self::Block(_)
-            | Self::Protocol(_)
-            | Self::DeadLink => Reconnect::Backoff,
+            Self::Network | Self::Timeout | Self::Block(_) | Self::Protocol(_) | Self::DeadLink => {
+                Reconnect::Backoff
+            }
         }
     }
 

@@ -445,7 +445,8 @@ pub fn respond(
         .read_message(msg1, &mut p1)
         .map_err(|_| Reject::Decrypt)?;
     let payload = Payload1::decode(&p1[..n])?;
-    let ek = CheckedEncapsulationKey::new(payload.ek.as_slice()).map_err(Reject::EncapsulationKey)?;
+    let ek =
+        CheckedEncapsulationKey::new(payload.ek.as_slice()).map_err(Reject::EncapsulationKey)?;
     let mut peer_static = [0u8; 32];
     match hs.get_remote_static() {
         Some(k) if k.len() == 32 => peer_static.copy_from_slice(k),

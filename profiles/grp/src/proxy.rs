@@ -5,12 +5,14 @@
 //! PRXY, PFWD, PRES and RRES use SMP's layout and `muxd_smp::command`'s codec; PKEY and the
 //! RFWD body differ from SMP and are encoded here.
 
-use hkdf::Hkdf;
-use muxd_smp::encoding::{DecodeError, EncodeError, Parser, pad, put_large, put_short_string, unpad};
-use muxd_smp::keys::{X25519PublicKey, X25519SecretKey};
-use sha2::Sha256;
 use crypto_secretbox::aead::{AeadInPlace, KeyInit};
 use crypto_secretbox::{Tag, XSalsa20Poly1305};
+use hkdf::Hkdf;
+use muxd_smp::encoding::{
+    DecodeError, EncodeError, Parser, pad, put_large, put_short_string, unpad,
+};
+use muxd_smp::keys::{X25519PublicKey, X25519SecretKey};
+use sha2::Sha256;
 use zeroize::Zeroizing;
 
 /// `PROXY_PAD`: the padded size of a proxied inner batch.
@@ -85,7 +87,14 @@ impl ForwardKey {
         let dh1 = cmd.diffie_hellman(&X25519PublicKey::from_bytes(*k_pd));
         let dh2 = cmd.diffie_hellman(&X25519PublicKey::from_bytes(*d_static));
         let cmd_pub = *cmd.public_key().as_bytes();
-        Self::derive(h_pd, dh1.as_bytes(), dh2.as_bytes(), &cmd_pub, k_pd, d_static)
+        Self::derive(
+            h_pd,
+            dh1.as_bytes(),
+            dh2.as_bytes(),
+            &cmd_pub,
+            k_pd,
+            d_static,
+        )
     }
 
     /// D's side: its session auth key and its static key against the client's `cmdPub`.
@@ -100,7 +109,14 @@ impl ForwardKey {
         let dh2 = static_secret.diffie_hellman(&peer);
         let k_pd = *auth_secret.public_key().as_bytes();
         let d_static = *static_secret.public_key().as_bytes();
-        Self::derive(h_pd, dh1.as_bytes(), dh2.as_bytes(), cmd_pub, &k_pd, &d_static)
+        Self::derive(
+            h_pd,
+            dh1.as_bytes(),
+            dh2.as_bytes(),
+            cmd_pub,
+            &k_pd,
+            &d_static,
+        )
     }
 
     /// The raw key (known-answer tests).
@@ -109,7 +125,11 @@ impl ForwardKey {
     }
 
     /// `encT`: the padded inner batch `01 ‖ L(transmission)` boxed with nonce `N`.
-    pub fn seal_command(&self, n: &Nonce, transmission: &[u8]) -> Result<Vec<u8>, ProxyCryptoError> {
+    pub fn seal_command(
+        &self,
+        n: &Nonce,
+        transmission: &[u8],
+    ) -> Result<Vec<u8>, ProxyCryptoError> {
         if is_palindrome(n) {
             return Err(ProxyCryptoError::Palindrome);
         }
@@ -126,7 +146,11 @@ impl ForwardKey {
     }
 
     /// `encR`: the response batch boxed with nonce `reverse(N)`.
-    pub fn seal_response(&self, n: &Nonce, transmission: &[u8]) -> Result<Vec<u8>, ProxyCryptoError> {
+    pub fn seal_response(
+        &self,
+        n: &Nonce,
+        transmission: &[u8],
+    ) -> Result<Vec<u8>, ProxyCryptoError> {
         self.seal(&reversed(n), transmission)
     }
 
@@ -269,8 +293,8 @@ mod tests {
             ForwardKey::derive(&[1; 32], &[0; 32], &[1; 32], &[1; 32], &[1; 32], &[1; 32]).err(),
             Some(ProxyCryptoError::ZeroDh)
         );
-        let k = ForwardKey::derive(&[1; 32], &[2; 32], &[3; 32], &[4; 32], &[5; 32], &[6; 32])
-            .unwrap();
+        let k =
+            ForwardKey::derive(&[1; 32], &[2; 32], &[3; 32], &[4; 32], &[5; 32], &[6; 32]).unwrap();
         assert_eq!(
             k.seal_command(&[9; 24], b"x").err(),
             Some(ProxyCryptoError::Palindrome)

@@ -31,7 +31,10 @@ use crate::kem::{CheckedEncapsulationKey, KemKeyPair};
 use crate::proxy::{ForwardKey, ProxyKey, inner_padded, rfwd_body};
 use crate::{NOISE_PARAMS, PREAMBLE, PROLOGUE, Role};
 
-const FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/grp-vectors.json");
+const FILE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/vectors/grp-vectors.json"
+);
 
 /// Leaves that are prose or provenance, not values to reproduce.
 const PROSE: &[&str] = &["description", "kind", "client_to_relay_note", "note"];
@@ -125,7 +128,12 @@ impl<'a> V<'a> {
 
     /// Asserts that `actual` equals this hex leaf.
     fn eq_hex(&self, actual: &[u8]) {
-        assert_eq!(hex::encode(actual), hex::encode(self.hex()), "{}", self.path);
+        assert_eq!(
+            hex::encode(actual),
+            hex::encode(self.hex()),
+            "{}",
+            self.path
+        );
     }
 
     /// Asserts that SHA-256 of `actual` equals this hex leaf.
@@ -183,7 +191,9 @@ impl RngCore for Replay {
 impl CryptoRng for Replay {}
 
 fn x25519_pub(private: &[u8; 32]) -> [u8; 32] {
-    *X25519SecretKey::from_bytes(*private).public_key().as_bytes()
+    *X25519SecretKey::from_bytes(*private)
+        .public_key()
+        .as_bytes()
 }
 
 fn spki_x25519(public: [u8; 32]) -> Vec<u8> {
@@ -215,12 +225,25 @@ struct Sessions {
 fn handshake(v: V<'_>, relay_link: bool) -> Sessions {
     let i = v.get("inputs");
     let i = i.v();
-    let (init_prefix, resp_prefix) = if relay_link { ("p", "d") } else { ("client", "relay") };
+    let (init_prefix, resp_prefix) = if relay_link {
+        ("p", "d")
+    } else {
+        ("client", "relay")
+    };
     let init_static = i.get(&format!("{init_prefix}_static_private")).v().hex32();
-    let init_eph = i.get(&format!("{init_prefix}_ephemeral_private")).v().hex32();
+    let init_eph = i
+        .get(&format!("{init_prefix}_ephemeral_private"))
+        .v()
+        .hex32();
     let resp_static = i.get(&format!("{resp_prefix}_static_private")).v().hex32();
-    let resp_eph = i.get(&format!("{resp_prefix}_ephemeral_private")).v().hex32();
-    let auth_private = i.get(&format!("{resp_prefix}_session_auth_private")).v().hex32();
+    let resp_eph = i
+        .get(&format!("{resp_prefix}_ephemeral_private"))
+        .v()
+        .hex32();
+    let auth_private = i
+        .get(&format!("{resp_prefix}_session_auth_private"))
+        .v()
+        .hex32();
     let (d, z, m) = (
         i.get("mlkem_d").v().hex32(),
         i.get("mlkem_z").v().hex32(),
@@ -245,9 +268,17 @@ fn handshake(v: V<'_>, relay_link: bool) -> Sessions {
     i.get(&format!("{resp_prefix}_session_auth_public"))
         .v()
         .eq_hex(&x25519_pub(&auth_private));
-    let addr_key = if relay_link { "d_address" } else { "relay_address" };
+    let addr_key = if relay_link {
+        "d_address"
+    } else {
+        "relay_address"
+    };
     let addr: RelayAddress = i.get(addr_key).v().str().parse().unwrap();
-    assert_eq!(addr.key, x25519_pub(&resp_static), "address names the responder");
+    assert_eq!(
+        addr.key,
+        x25519_pub(&resp_static),
+        "address names the responder"
+    );
 
     let role = match i.get("role").v().str() {
         "C" => Role::Client,
@@ -334,7 +365,10 @@ fn handshake(v: V<'_>, relay_link: bool) -> Sessions {
     let (c2r, r2c) = if relay_link {
         ("transport_key_p_to_d", "transport_key_d_to_p")
     } else {
-        ("transport_key_client_to_relay", "transport_key_relay_to_client")
+        (
+            "transport_key_client_to_relay",
+            "transport_key_relay_to_client",
+        )
     };
     v.get(c2r).v().eq_hex(&client.raw_keys.0);
     v.get(r2c).v().eq_hex(&client.raw_keys.1);
@@ -345,7 +379,9 @@ fn handshake(v: V<'_>, relay_link: bool) -> Sessions {
 fn mlkem(v: V<'_>) {
     let kp = KemKeyPair::from_seeds(&v.get("d").v().hex32(), &v.get("z").v().hex32());
     v.get("ek").v().eq_hex(kp.encapsulation_key());
-    v.get("dk_sha256").v().eq_sha256(&kp.decapsulation_key_bytes());
+    v.get("dk_sha256")
+        .v()
+        .eq_sha256(&kp.decapsulation_key_bytes());
     let ek = CheckedEncapsulationKey::new(kp.encapsulation_key()).unwrap();
     let (ct, ss) = ek.encapsulate_with(&v.get("m").v().hex32());
     v.get("ct").v().eq_hex(ct.as_slice());
@@ -414,7 +450,11 @@ fn records(v: V<'_>, s: &mut Sessions) {
         let record = s.client.records.seal(&block).unwrap();
         e.get("record").v().eq_hex(&record);
         let key = if n < 1024 { k0 } else { k1 };
-        assert_eq!(record, chacha(&key, n, &block), "record {n} under the right key");
+        assert_eq!(
+            record,
+            chacha(&key, n, &block),
+            "record {n} under the right key"
+        );
         assert_eq!(s.relay.records.open(&record).unwrap(), block);
     }
     for e in v.get("relay_to_client").v().items() {
@@ -467,7 +507,9 @@ fn ed25519_new(v: V<'_>, sid: &[u8; 32]) -> ([u8; 24], [u8; 32]) {
         .v()
         .eq_hex(key.public_key().as_bytes());
     let dh_priv = v.get("recipient_dh_private").v().hex32();
-    v.get("recipient_dh_public").v().eq_hex(&x25519_pub(&dh_priv));
+    v.get("recipient_dh_public")
+        .v()
+        .eq_hex(&x25519_pub(&dh_priv));
     let corr: [u8; 24] = v.get("corr_id").v().hex().try_into().unwrap();
     let new = Command::New(NewQueue {
         rcv_auth_key: key.public_key().to_spki(),
@@ -546,7 +588,12 @@ fn queue_flow(v: V<'_>, new_corr: &[u8; 24], recipient_dh_priv: &[u8; 32]) {
 /// Checks a transmission against a `{head, transmission_sha256, length}` object.
 fn head_hash_len(o: V<'_>, t: &[u8]) {
     let head = o.get("head").v().hex();
-    assert_eq!(hex::encode(&t[..head.len()]), hex::encode(&head), "{}", o.path);
+    assert_eq!(
+        hex::encode(&t[..head.len()]),
+        hex::encode(&head),
+        "{}",
+        o.path
+    );
     o.get("transmission_sha256").v().eq_sha256(t);
     assert_eq!(t.len() as u64, o.get("length").v().u64(), "{}", o.path);
 }
@@ -634,8 +681,13 @@ fn proxy_send(v: V<'_>, client_link: &Sessions, relay_link: &Sessions, d_static:
     let enc_t = k.seal_command(&n, &inner).unwrap();
     v.get("enc_t").v().eq_hex(&enc_t);
     let d_auth = relay_link.relay.auth_secret.as_ref().unwrap();
-    let kd = ForwardKey::for_destination(d_auth, &X25519SecretKey::from_bytes(*d_static), &h_pd, &cmd_pub)
-        .unwrap();
+    let kd = ForwardKey::for_destination(
+        d_auth,
+        &X25519SecretKey::from_bytes(*d_static),
+        &h_pd,
+        &cmd_pub,
+    )
+    .unwrap();
     assert_eq!(kd.as_bytes(), k.as_bytes());
     assert_eq!(kd.open_command(&n, &enc_t).unwrap(), inner);
 
@@ -647,7 +699,10 @@ fn proxy_send(v: V<'_>, client_link: &Sessions, relay_link: &Sessions, d_static:
     }
     .encode(18, &mut pfwd)
     .unwrap();
-    head_hash_len(v.get("pfwd").v(), &transmission(b"", &sid, &n, &h_pd, &pfwd));
+    head_hash_len(
+        v.get("pfwd").v(),
+        &transmission(b"", &sid, &n, &h_pd, &pfwd),
+    );
 
     let rfwd_o = v.get("rfwd");
     let rfwd_o = rfwd_o.v();
@@ -674,7 +729,10 @@ fn proxy_send(v: V<'_>, client_link: &Sessions, relay_link: &Sessions, d_static:
     head_hash_len(v.get("rres").v(), &transmission(b"", &h_pd, &m, b"", &rres));
     let mut pres = Vec::new();
     Response::PRes(enc_r).encode(18, &mut pres).unwrap();
-    head_hash_len(v.get("pres").v(), &transmission(b"", &sid, &n, &h_pd, &pres));
+    head_hash_len(
+        v.get("pres").v(),
+        &transmission(b"", &sid, &n, &h_pd, &pres),
+    );
 }
 
 fn blocks(v: V<'_>) {

@@ -333,5 +333,8 @@ async fn shutdown_resets_connections_and_stops_listening() {
         .await
         .unwrap();
     assert_eq!(r.unwrap_err().kind(), ErrorKind::ConnectionReset);
-    assert!(TcpStream::connect(addr).await.is_err(), "listener still open");
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "listener still open"
+    );
 }

@@ -19,7 +19,9 @@ use muxd_smp::e2e::{RcvMsgBody, encrypt_msg_body};
 use muxd_smp::encoding::base64url_encode;
 use muxd_smp::error::{CmdError, ErrorType};
 use muxd_smp::handshake::{CertKey, ClientHello, ServerHello, VersionRange};
-use muxd_smp::keys::{DhSecret, Ed25519PublicKey, Ed25519SecretKey, X25519PublicKey, X25519SecretKey};
+use muxd_smp::keys::{
+    DhSecret, Ed25519PublicKey, Ed25519SecretKey, X25519PublicKey, X25519SecretKey,
+};
 use muxd_smp::transmission::{Authorized, Transmission, encode_transmission};
 use rand_chacha::ChaCha20Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -96,7 +98,10 @@ impl FakeServer {
             tls_leaf: Ed25519SecretKey::generate(&mut rng),
             session_key: X25519SecretKey::generate(&mut rng),
             // Structurally valid DER SEQUENCEs: only their hashes matter to the client.
-            chain: vec![vec![0x30, 0x03, 0x02, 0x01, 0x01], vec![0x30, 0x03, 0x02, 0x01, 0x02]],
+            chain: vec![
+                vec![0x30, 0x03, 0x02, 0x01, 0x01],
+                vec![0x30, 0x03, 0x02, 0x01, 0x02],
+            ],
             rng,
             conns: BTreeMap::new(),
             next_conn: 1,
@@ -220,7 +225,16 @@ impl FakeServer {
             });
             let corr = t.corr_id.to_vec();
             let entity = t.entity_id.to_vec();
-            self.command(conn, version, &corr, &entity, t.auth, &authorized, command, &mut out);
+            self.command(
+                conn,
+                version,
+                &corr,
+                &entity,
+                t.auth,
+                &authorized,
+                command,
+                &mut out,
+            );
         }
         self.pack(out)
     }
@@ -239,7 +253,8 @@ impl FakeServer {
     ) {
         let err = |e: ErrorType| Response::Err(e);
         let verify = |key: &Ed25519PublicKey| ed25519_verify(key, authorized, auth).is_ok();
-        let mut reply = |entity: &[u8], r: Response| out.push((conn, corr.to_vec(), entity.to_vec(), r));
+        let mut reply =
+            |entity: &[u8], r: Response| out.push((conn, corr.to_vec(), entity.to_vec(), r));
         match command {
             Command::New(n) => {
                 let key = Ed25519PublicKey::from_spki(&n.rcv_auth_key).unwrap();
@@ -251,8 +266,8 @@ impl FakeServer {
                 let (mut rcv_id, mut snd_id) = (vec![0u8; 24], vec![0u8; 24]);
                 self.rng.fill_bytes(&mut rcv_id);
                 self.rng.fill_bytes(&mut snd_id);
-                let messaging = version >= 9
-                    && matches!(n.queue_request, Some(QueueRequest::Messaging(_)));
+                let messaging =
+                    version >= 9 && matches!(n.queue_request, Some(QueueRequest::Messaging(_)));
                 let subscribe = n.sub_mode == SubscriptionMode::Subscribe;
                 self.queues.insert(
                     rcv_id.clone(),
@@ -348,7 +363,14 @@ impl FakeServer {
                     }
                     return reply(entity, err(ErrorType::Quota));
                 }
-                q.msgs.push_back((msg_id, RcvMsgBody::Message { ts, notification, body }));
+                q.msgs.push_back((
+                    msg_id,
+                    RcvMsgBody::Message {
+                        ts,
+                        notification,
+                        body,
+                    },
+                ));
                 reply(entity, Response::Ok);
                 let rcv_id = self.rcv_id_of(entity).unwrap();
                 self.deliver(&rcv_id, None, out);
@@ -404,7 +426,11 @@ impl FakeServer {
         corr: Option<&[u8]>,
         out: &mut Vec<(u64, Vec<u8>, Vec<u8>, Response)>,
     ) -> bool {
-        let Some(q) = self.queues.get_mut(rcv_id).filter(|_| !self.hold_deliveries) else {
+        let Some(q) = self
+            .queues
+            .get_mut(rcv_id)
+            .filter(|_| !self.hold_deliveries)
+        else {
             return false;
         };
         let (Some(sub), false, Some((msg_id, body))) = (q.subscriber, q.delivered, q.msgs.front())
@@ -440,7 +466,12 @@ impl FakeServer {
     /// The queue is deleted through another connection: `DELD` to the subscriber.
     pub fn delete_elsewhere(&mut self, rcv_id: &[u8]) -> Vec<(u64, Vec<u8>)> {
         let q = self.queues.remove(rcv_id).unwrap();
-        self.pack(vec![(q.subscriber.unwrap(), Vec::new(), rcv_id.to_vec(), Response::Deld)])
+        self.pack(vec![(
+            q.subscriber.unwrap(),
+            Vec::new(),
+            rcv_id.to_vec(),
+            Response::Deld,
+        )])
     }
 
     /// Packs responses into blocks per connection, in order.
@@ -569,7 +600,12 @@ impl Net {
 
     fn act(&mut self, action: Action) {
         match action {
-            Action::Connect { server, key_hash, host, .. } => {
+            Action::Connect {
+                server,
+                key_hash,
+                host,
+                ..
+            } => {
                 assert_eq!(host, HOST);
                 assert_eq!(key_hash, self.server.key_hash());
                 self.connects += 1;

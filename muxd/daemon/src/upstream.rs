@@ -1,0 +1,369 @@
+//! Upstream sockets: one tokio task per server connection that only connects and moves blocks.
+//!
+//! The pool (`muxd_core::Pool`, driven by `driver.rs`) decides when to connect, what to write
+//! and when to close; a task here dials (DNS, TCP with keep-alive, TLS pinned to the keyHash,
+//! optionally WebSocket), then copies 16384-byte blocks between the socket and the driver. It
+//! reports `connected`, every block read, and `disconnected(reason)` back over one bounded
+//! channel shared by all tasks.
+//!
+//! The driver never awaits a socket (STYLE practice 2): [`Upstreams::execute`] hands a block
+//! to the task's bounded channel with `try_send`, and a block the channel refuses is kept in
+//! that server's backlog and offered again once [`Upstreams::poll_writable`] sees room, in
+//! order (quinn's `drive_transmit`). A slow server therefore only grows its own backlog.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use muxd_core::{Action, ServerKey, TransportInfo};
+use muxd_smp::cert::KeyHash;
+use muxd_transport::tokio_rustls::client::TlsStream;
+use muxd_transport::{BLOCK_SIZE, BlockStream, ConnectOptions, connect_tls};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::{CancellationToken, PollSender};
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+
+/// Blocks the driver may hand one task before that server's backlog starts to grow. A few
+/// blocks keep the socket busy; more would only hide a stalled server from the backlog.
+const OUTBOUND_BLOCKS: usize = 8;
+
+/// How long a task spends closing politely (TLS close_notify, WebSocket close) when stopped.
+const CLOSE_BUDGET: Duration = Duration::from_secs(1);
+
+/// The SMP port when an address names none (spec §2.1).
+pub(crate) const DEFAULT_PORT: u16 = 5223;
+
+/// What a task tells the driver.
+#[derive(Debug)]
+pub(crate) struct UpstreamEvent {
+    /// Which task: events of a task the driver already replaced are stale.
+    pub(crate) conn: u64,
+    /// The server the task serves.
+    pub(crate) server: ServerKey,
+    /// What happened.
+    pub(crate) kind: UpstreamEventKind,
+}
+
+/// The things a task reports.
+#[derive(Debug)]
+pub(crate) enum UpstreamEventKind {
+    /// TLS (and WebSocket) is up; the SMP handshake may start.
+    Connected(TransportInfo),
+    /// One block read from the server.
+    Block(Box<[u8; BLOCK_SIZE]>),
+    /// The connection could not be set up, or broke; the task has ended.
+    Disconnected(String),
+}
+
+/// The driver's side of every upstream task.
+#[derive(Debug)]
+pub(crate) struct Upstreams {
+    links: BTreeMap<ServerKey, Link>,
+    next_conn: u64,
+    events: mpsc::Sender<UpstreamEvent>,
+    options: ConnectOptions,
+    tracker: TaskTracker,
+}
+
+/// One live task.
+#[derive(Debug)]
+struct Link {
+    conn: u64,
+    tx: PollSender<Vec<u8>>,
+    /// Blocks the channel refused, oldest first; they go out before any newer block.
+    backlog: VecDeque<Vec<u8>>,
+    cancel: CancellationToken,
+}
+
+/// Where and how to dial.
+#[derive(Debug, Clone)]
+struct Dial {
+    host: String,
+    port: u16,
+    key_hash: KeyHash,
+    websocket: bool,
+}
+
+impl Upstreams {
+    /// Tasks report on `events`; `tracker` lets shutdown wait for them to close.
+    pub(crate) fn new(events: mpsc::Sender<UpstreamEvent>, tracker: TaskTracker) -> Self {
+        Self {
+            links: BTreeMap::new(),
+            next_conn: 1,
+            events,
+            options: ConnectOptions::default(),
+            tracker,
+        }
+    }
+
+    /// Whether `event` comes from the task currently serving its server. A `Disconnected`
+    /// from it also forgets the task (it has ended).
+    pub(crate) fn accept(&mut self, event: &UpstreamEvent) -> bool {
+        let current = self
+            .links
+            .get(&event.server)
+            .is_some_and(|l| l.conn == event.conn);
+        if current && matches!(event.kind, UpstreamEventKind::Disconnected(_)) {
+            self.links.remove(&event.server);
+        }
+        current
+    }
+
+    /// Carries out one of the pool's socket actions; other actions are ignored.
+    pub(crate) fn execute(&mut self, action: Action) {
+        match action {
+            Action::Connect {
+                server,
+                host,
+                port,
+                key_hash,
+                websocket,
+            } => {
+                let dial = Dial {
+                    host,
+                    port: if port == 0 { DEFAULT_PORT } else { port },
+                    key_hash,
+                    websocket,
+                };
+                self.connect(server, dial);
+            }
+            Action::Transmit { server, block } => self.transmit(&server, block),
+            Action::Disconnect { server } => {
+                if let Some(link) = self.links.remove(&server) {
+                    link.cancel.cancel();
+                }
+            }
+            other => tracing::warn!(?other, "not a socket action"),
+        }
+    }
+
+    fn connect(&mut self, server: ServerKey, dial: Dial) {
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        let (tx, rx) = mpsc::channel(OUTBOUND_BLOCKS);
+        let cancel = CancellationToken::new();
+        let span = tracing::debug_span!("upstream", server = %server, conn);
+        let task = Task {
+            conn,
+            server: server.clone(),
+            events: self.events.clone(),
+        };
+        self.tracker.spawn(
+            task.run(dial, self.options.clone(), rx, cancel.clone())
+                .instrument(span),
+        );
+        let link = Link {
+            conn,
+            tx: PollSender::new(tx),
+            backlog: VecDeque::new(),
+            cancel,
+        };
+        // The pool asks for a new connection only after it forgot the old one; a task still
+        // running for the server is stale and is stopped.
+        if let Some(old) = self.links.insert(server, link) {
+            old.cancel.cancel();
+        }
+    }
+
+    fn transmit(&mut self, server: &ServerKey, block: Vec<u8>) {
+        let Some(link) = self.links.get_mut(server) else {
+            // The task ended; its `Disconnected` is on the way to the pool.
+            return;
+        };
+        link.backlog.push_back(block);
+        link.flush();
+    }
+
+    /// Moves backlogged blocks into channels that have room again. Ready when some block
+    /// moved (the caller loops back here); pending, with wakers registered, otherwise.
+    pub(crate) fn poll_writable(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut moved = false;
+        for link in self.links.values_mut() {
+            let Some(first) = link.backlog.pop_front() else {
+                continue;
+            };
+            match link.tx.poll_reserve(cx) {
+                Poll::Ready(Ok(())) => {
+                    // A reserved slot cannot refuse the item.
+                    let _ = link.tx.send_item(first);
+                    link.flush();
+                    moved = true;
+                }
+                Poll::Ready(Err(_)) => {
+                    // The task is gone; its `Disconnected` follows.
+                    link.backlog.clear();
+                }
+                Poll::Pending => link.backlog.push_front(first),
+            }
+        }
+        if moved {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Whether some server has blocks waiting for room.
+    pub(crate) fn has_backlog(&self) -> bool {
+        self.links.values().any(|l| !l.backlog.is_empty())
+    }
+
+    /// Stops every task (they close their sockets politely within [`CLOSE_BUDGET`]).
+    pub(crate) fn close_all(&mut self) {
+        for (_, link) in std::mem::take(&mut self.links) {
+            link.cancel.cancel();
+        }
+    }
+}
+
+impl Link {
+    /// Hands over backlogged blocks while the channel takes them.
+    fn flush(&mut self) {
+        let Some(tx) = self.tx.get_ref() else {
+            self.backlog.clear();
+            return;
+        };
+        while let Some(block) = self.backlog.pop_front() {
+            match tx.try_send(block) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(block)) => {
+                    self.backlog.push_front(block);
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.backlog.clear();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// What one task knows to report.
+struct Task {
+    conn: u64,
+    server: ServerKey,
+    events: mpsc::Sender<UpstreamEvent>,
+}
+
+/// One turn of the connected loop.
+enum Step {
+    Stop,
+    Write(Vec<u8>),
+    Read(Result<Box<[u8; BLOCK_SIZE]>, muxd_transport::TransportError>),
+}
+
+impl Task {
+    async fn run(
+        self,
+        dial: Dial,
+        options: ConnectOptions,
+        mut outbound: mpsc::Receiver<Vec<u8>>,
+        cancel: CancellationToken,
+    ) {
+        let connected = tokio::select! {
+            () = cancel.cancelled() => return,
+            r = connect(&dial, &options) => r,
+        };
+        let (mut blocks, info) = match connected {
+            Ok(c) => c,
+            Err(reason) => {
+                tracing::debug!(%reason, "connect failed");
+                self.report(UpstreamEventKind::Disconnected(reason)).await;
+                return;
+            }
+        };
+        tracing::debug!("transport up");
+        if !self.report(UpstreamEventKind::Connected(info)).await {
+            return;
+        }
+        loop {
+            // Writes first: a reply the pool is waiting for should not queue behind reads.
+            // Reading is cancel-safe, so losing the race to a write loses nothing.
+            let step = tokio::select! {
+                biased;
+                () = cancel.cancelled() => Step::Stop,
+                b = outbound.recv() => b.map_or(Step::Stop, Step::Write),
+                r = blocks.read_block() => Step::Read(r),
+            };
+            match step {
+                Step::Stop => break,
+                Step::Write(block) => {
+                    let written = tokio::select! {
+                        // Cutting a write short breaks the stream, but it is being dropped.
+                        () = cancel.cancelled() => break,
+                        r = blocks.write_block(&block) => r,
+                    };
+                    if let Err(e) = written {
+                        self.report(UpstreamEventKind::Disconnected(e.to_string()))
+                            .await;
+                        return;
+                    }
+                }
+                Step::Read(Ok(block)) => {
+                    if !self.report(UpstreamEventKind::Block(block)).await {
+                        break;
+                    }
+                }
+                Step::Read(Err(e)) => {
+                    tracing::debug!(error = %e, "transport lost");
+                    self.report(UpstreamEventKind::Disconnected(e.to_string()))
+                        .await;
+                    return;
+                }
+            }
+        }
+        let _ = tokio::time::timeout(CLOSE_BUDGET, blocks.close()).await;
+        tracing::debug!("transport closed");
+    }
+
+    /// Sends an event to the driver; `false` once the driver is gone.
+    async fn report(&self, kind: UpstreamEventKind) -> bool {
+        let event = UpstreamEvent {
+            conn: self.conn,
+            server: self.server.clone(),
+            kind,
+        };
+        self.events.send(event).await.is_ok()
+    }
+}
+
+/// Resolves the host and dials its addresses in turn until one completes TLS (and the
+/// WebSocket upgrade when asked). The error is the reason the pool reports.
+async fn connect(
+    dial: &Dial,
+    options: &ConnectOptions,
+) -> Result<(BlockStream<TlsStream<TcpStream>>, TransportInfo), String> {
+    // `[::1]` in an address is a literal, which the resolver wants without brackets.
+    let host = dial.host.trim_start_matches('[').trim_end_matches(']');
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, dial.port))
+        .await
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .collect();
+    let mut last = format!("{host} has no addresses");
+    for addr in addrs {
+        match connect_tls(addr, &dial.key_hash, options).await {
+            Ok(tls) => {
+                let info = TransportInfo {
+                    tls_leaf_key: tls.server_identity().leaf_key().clone(),
+                    // rustls does not expose the TLS channel binding.
+                    tls_session_id: None,
+                };
+                let blocks = if dial.websocket {
+                    tls.into_websocket().await.map_err(|e| e.to_string())?
+                } else {
+                    tls.into_blocks()
+                };
+                return Ok((blocks, info));
+            }
+            // This address reached a server that is not the one pinned; another address of
+            // the same name will not be a better answer.
+            Err(e) if e.is_identity() => return Err(e.to_string()),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(last)
+}
