@@ -261,7 +261,8 @@ impl<M: Mailbox> Pool<M> {
     }
 
     /// `server`'s transport failed to connect, or broke: everything that waited for it fails
-    /// with `reason`.
+    /// with `reason`. After the pool itself asked for [`Action::Disconnect`] the connection is
+    /// already forgotten and a late report is ignored.
     pub fn handle_disconnected(&mut self, now: Instant, server: &ServerKey, reason: String) {
         let live = self.servers.get(server).is_some_and(|s| {
             matches!(

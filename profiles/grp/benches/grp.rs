@@ -14,7 +14,8 @@ use zeroize::Zeroizing;
 const RELAY_STATIC: [u8; 32] = [0x42; 32];
 
 fn grp_handshake(rng: &mut ChaCha20Rng, responder: &ResponderConfig) -> (Established, Established) {
-    let (init, msg1) = Initiator::start(InitiatorConfig::client(responder.public_key()), rng).unwrap();
+    let (init, msg1) =
+        Initiator::start(InitiatorConfig::client(responder.public_key()), rng).unwrap();
     let (record2, relay) = respond(responder, &msg1, rng).unwrap();
     (init.finish(&record2).unwrap(), relay)
 }
@@ -46,7 +47,10 @@ fn classical_ik(relay_public: &[u8; 32], relay_private: &[u8; 32], client_privat
     r.read_message(&m1[..n], &mut buf).unwrap();
     let n = r.write_message(&[0u8; 1364], &mut m2).unwrap();
     i.read_message(&m2[..n], &mut buf).unwrap();
-    let _ = (i.into_transport_mode().unwrap(), r.into_transport_mode().unwrap());
+    let _ = (
+        i.into_transport_mode().unwrap(),
+        r.into_transport_mode().unwrap(),
+    );
 }
 
 fn handshakes(c: &mut Criterion) {
@@ -80,7 +84,9 @@ fn records(c: &mut Criterion) {
             relay.records.open(&r).unwrap()
         })
     });
-    g.bench_function("seal 16400", |b| b.iter(|| relay.records.seal(&block).unwrap()));
+    g.bench_function("seal 16400", |b| {
+        b.iter(|| relay.records.seal(&block).unwrap())
+    });
     g.finish();
 }
 

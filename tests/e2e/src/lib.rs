@@ -1,5 +1,6 @@
-//! End-to-end test support: the real `muxd` and `muxctl` binaries, a [`Daemon`] guard that runs
-//! one in a private temp directory, and [`RawClient`], a small synchronous frame-level client.
+//! End-to-end test support: the real `muxd`, `muxctl` and `smp-devrelay` binaries, a [`Daemon`]
+//! guard that runs one in a private temp directory, a [`Relay`] guard for the dev SMP relay, and
+//! [`RawClient`], a small synchronous frame-level client.
 //!
 //! Everything here panics on failure: it is only used from tests.
 
@@ -7,10 +8,10 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,12 @@ pub fn muxd_bin() -> &'static Path {
 pub fn muxctl_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| build_bin("muxctl", "muxctl"))
+}
+
+/// The `smp-devrelay` binary, built (once per test process) if needed.
+pub fn devrelay_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| build_bin("smp-devrelay", "smp-devrelay"))
 }
 
 /// `target/<profile>/`: the test executable lives in its `deps/` subdirectory.
@@ -302,6 +309,205 @@ impl Drop for Daemon {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Options for starting a [`Relay`].
+#[derive(Debug, Default)]
+pub struct RelayBuilder {
+    args: Vec<OsString>,
+    websocket: bool,
+}
+
+impl RelayBuilder {
+    /// Adds command-line arguments (e.g. `--sign-algorithm ed448`).
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Also listens for WebSocket-over-TLS on a free port.
+    pub fn websocket(mut self) -> Self {
+        self.websocket = true;
+        self
+    }
+
+    /// Spawns the relay and waits for it to print its address(es).
+    pub fn start(self) -> Relay {
+        let dir = tempfile::Builder::new()
+            .prefix("muxd-e2e-relay-")
+            .tempdir()
+            .unwrap();
+        let mut relay = Relay {
+            child: None,
+            stdout: None,
+            address: String::new(),
+            ws_address: None,
+            runs: 0,
+            args: self.args,
+            websocket: self.websocket,
+            dir,
+        };
+        relay.spawn(SocketAddrArg::Any, SocketAddrArg::Any);
+        relay
+    }
+}
+
+/// Which port a (re)started relay listens on.
+#[derive(Debug, Clone, Copy)]
+enum SocketAddrArg {
+    Any,
+    Port(u16),
+}
+
+impl SocketAddrArg {
+    fn arg(self) -> String {
+        match self {
+            Self::Any => "127.0.0.1:0".to_owned(),
+            Self::Port(p) => format!("127.0.0.1:{p}"),
+        }
+    }
+}
+
+/// A running `smp-devrelay` in its own temp directory (identity in `cert/`, queues and messages
+/// in `store.log`, so a restart keeps its address and queues); killed when dropped.
+///
+/// Its debug log tells what the relay saw: one `SMP session up` line per client connection
+/// that completed the SMP handshake, one `TLS setup failed` / `SMP handshake refused` line per
+/// connection it refused.
+#[derive(Debug)]
+pub struct Relay {
+    child: Option<Child>,
+    /// Kept open so the relay never writes into a closed pipe.
+    stdout: Option<BufReader<ChildStdout>>,
+    address: String,
+    ws_address: Option<String>,
+    runs: u32,
+    args: Vec<OsString>,
+    websocket: bool,
+    dir: TempDir,
+}
+
+impl Relay {
+    /// Options for a relay.
+    pub fn builder() -> RelayBuilder {
+        RelayBuilder::default()
+    }
+
+    /// A relay with default options (TLS only, Ed25519).
+    pub fn start() -> Self {
+        Self::builder().start()
+    }
+
+    /// `smp://<keyHash>@127.0.0.1:<port>` of the TLS listener.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The WebSocket listener's address, if enabled.
+    pub fn ws_address(&self) -> Option<&str> {
+        self.ws_address.as_deref()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join(format!("relay-{}.log", self.runs))
+    }
+
+    /// What the current run of the relay logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Client connections of the current run that completed the SMP handshake.
+    pub fn sessions(&self) -> usize {
+        self.log().matches("SMP session up").count()
+    }
+
+    /// Client connections of the current run refused in the TLS or SMP handshake.
+    pub fn refused(&self) -> usize {
+        let log = self.log();
+        ["TLS setup failed", "TLS setup timed out", "SMP handshake refused"]
+            .iter()
+            .map(|needle| log.matches(needle).count())
+            .sum()
+    }
+
+    /// Kills the relay at once (SIGKILL): connections break without a goodbye.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.stdout = None;
+    }
+
+    /// Starts the relay again on the same ports, with the same identity and store.
+    pub fn restart(&mut self) {
+        self.kill();
+        let port = |a: &str| -> u16 { a.rsplit(':').next().unwrap().parse().unwrap() };
+        let tls = SocketAddrArg::Port(port(&self.address));
+        let ws = self
+            .ws_address
+            .as_deref()
+            .map_or(SocketAddrArg::Any, |a| SocketAddrArg::Port(port(a)));
+        self.spawn(tls, ws);
+    }
+
+    fn spawn(&mut self, tls: SocketAddrArg, ws: SocketAddrArg) {
+        self.runs += 1;
+        let log = File::create(self.log_path()).unwrap();
+        let mut cmd = Command::new(devrelay_bin());
+        cmd.arg("--listen")
+            .arg(tls.arg())
+            .arg("--cert-dir")
+            .arg(self.dir.path().join("cert"))
+            .arg("--store-log")
+            .arg(self.dir.path().join("store.log"))
+            .args(["--log-level", "smp_devrelay=debug"]);
+        if self.websocket {
+            cmd.arg("--ws-listen").arg(ws.arg());
+        }
+        cmd.args(&self.args)
+            .env_remove("SMP_DEVRELAY_LISTEN")
+            .env_remove("SMP_DEVRELAY_WS_LISTEN")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log);
+        let mut child = cmd.spawn().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        self.child = Some(child);
+        let mut line = String::new();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "smp-devrelay printed no address:\n{}",
+            self.log()
+        );
+        let address = line.trim().to_owned();
+        assert!(address.starts_with("smp://"), "unexpected address line {line:?}");
+        if !self.address.is_empty() {
+            assert_eq!(address, self.address, "the restarted relay has another address");
+        }
+        self.address = address;
+        if self.websocket {
+            line.clear();
+            stdout.read_line(&mut line).unwrap();
+            let ws = line.trim().strip_prefix("ws: ").unwrap_or_else(|| {
+                panic!("expected the ws address, got {line:?}:\n{}", self.log())
+            });
+            self.ws_address = Some(ws.to_owned());
+        }
+        self.stdout = Some(stdout);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
