@@ -1,0 +1,362 @@
+//! The whole path app → muxd → SMP relay → muxd → app, with the real `muxd`, `muxctl` and
+//! `smp-devrelay` binaries over real sockets.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use muxd_e2e::{Daemon, RawClient, Relay, muxctl_bin};
+use muxd_ipc_proto::{ErrorCode, Op, Reply, Response, ServerMessage};
+
+/// Messages each app sends the other in the volume tests.
+const MESSAGES: usize = 1000;
+
+/// Requests one client keeps in flight: enough to keep the pool's send window full.
+const SEND_WINDOW: usize = 64;
+
+/// How long a whole exchange may take before the test fails (it takes seconds).
+const EXCHANGE_PATIENCE: Duration = Duration::from_secs(120);
+
+/// `muxctl --socket <daemon> --app <app> <args…>`, run to completion.
+fn muxctl(socket: &Path, app: &str, args: &[&str]) -> Output {
+    Command::new(muxctl_bin())
+        .env_remove("MUXD_SOCKET")
+        .env_remove("MUXD_APP")
+        .arg("--socket")
+        .arg(socket)
+        .args(["--app", app])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Like [`muxctl`], failing the test unless it succeeds; returns stdout.
+fn muxctl_ok(socket: &Path, app: &str, args: &[&str]) -> String {
+    let out = muxctl(socket, app, args);
+    assert!(
+        out.status.success(),
+        "muxctl --app {app} {args:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A queue as `muxctl queue create --json` prints it.
+#[derive(Debug)]
+struct Queue {
+    id: String,
+    uri: String,
+}
+
+fn create_queue(socket: &Path, app: &str, server: &str, ws: bool) -> Queue {
+    let mut args = vec!["--json", "queue", "create", server];
+    if ws {
+        args.push("--ws");
+    }
+    let out = muxctl_ok(socket, app, &args);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    Queue {
+        id: v["queue_id"].as_str().unwrap().to_owned(),
+        uri: v["queue_uri"].as_str().unwrap().to_owned(),
+    }
+}
+
+/// `muxctl recv --count n --json`: the bodies, in order.
+fn muxctl_recv(socket: &Path, app: &str, queue: &Queue, n: usize) -> Vec<String> {
+    let out = muxctl_ok(
+        socket,
+        app,
+        &[
+            "--json",
+            "recv",
+            &queue.id,
+            "--count",
+            &n.to_string(),
+            "--timeout",
+            "20",
+        ],
+    );
+    out.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["body"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+/// Sends `prefix-0` … `prefix-(n-1)` to `uri` as `app`, keeping [`SEND_WINDOW`] in flight.
+fn send_all(socket: &Path, app: &str, uri: &str, prefix: &str, n: usize) {
+    let mut client = RawClient::connect(socket);
+    client.hello(app);
+    let mut in_flight = 0;
+    let mut expect_sent = |client: &mut RawClient| match client.recv() {
+        Ok(ServerMessage::Response(Response {
+            reply: Reply::Sent { state, .. },
+            ..
+        })) => assert_eq!(state, "sent"),
+        other => panic!("{app}: expected `sent`, got {other:?}"),
+    };
+    for i in 0..n {
+        while in_flight >= SEND_WINDOW {
+            expect_sent(&mut client);
+            in_flight -= 1;
+        }
+        let body = base64::engine::general_purpose::STANDARD.encode(format!("{prefix}-{i}"));
+        client
+            .send_request(Op::Send {
+                queue_uri: uri.to_owned(),
+                body_b64: body,
+            })
+            .unwrap();
+        in_flight += 1;
+    }
+    for _ in 0..in_flight {
+        expect_sent(&mut client);
+    }
+}
+
+/// Long-polls `queue` as `app` until `n` messages arrived, acknowledging each; the bodies in
+/// arrival order.
+fn recv_all(socket: &Path, app: &str, queue_id: &str, n: usize) -> Vec<String> {
+    let mut client = RawClient::connect(socket);
+    client.hello(app);
+    let deadline = Instant::now() + EXCHANGE_PATIENCE;
+    let mut got = Vec::new();
+    while got.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "{app}: only {} of {n} messages arrived",
+            got.len()
+        );
+        let messages = match client.request(Op::Recv {
+            queue_id: queue_id.to_owned(),
+            max: None,
+            wait_ms: Some(2_000),
+        }) {
+            ServerMessage::Response(Response {
+                reply: Reply::Messages { messages },
+                ..
+            }) => messages,
+            other => panic!("{app}: recv failed: {other:?}"),
+        };
+        // Acks are pipelined, and all answered before the next recv, which therefore never
+        // sees a message twice unless the daemon delivered it twice.
+        for m in &messages {
+            let body = base64::engine::general_purpose::STANDARD
+                .decode(&m.body_b64)
+                .unwrap();
+            got.push(String::from_utf8(body).unwrap());
+            client
+                .send_request(Op::Ack {
+                    queue_id: m.queue_id.clone(),
+                    msg_id: m.msg_id.clone(),
+                })
+                .unwrap();
+        }
+        for _ in &messages {
+            match client.recv() {
+                Ok(ServerMessage::Response(Response {
+                    reply: Reply::Done, ..
+                })) => {}
+                other => panic!("{app}: ack failed: {other:?}"),
+            }
+        }
+    }
+    got
+}
+
+fn expected(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+/// The `upstreams` of `muxctl status --json`.
+fn upstreams(socket: &Path) -> Vec<serde_json::Value> {
+    let out = muxctl_ok(socket, "muxctl", &["--json", "status"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    v["upstreams"].as_array().cloned().unwrap_or_default()
+}
+
+/// Two apps, two queues, one server: a message each way through `muxctl` processes, then
+/// [`MESSAGES`] each way through long-lived clients. Everything arrives exactly once, in
+/// order, over one relay connection.
+fn exchange(ws: bool) {
+    let relay = if ws {
+        Relay::builder().websocket().start()
+    } else {
+        Relay::start()
+    };
+    let server = if ws {
+        relay.ws_address().unwrap().to_owned()
+    } else {
+        relay.address().to_owned()
+    };
+    let daemon = Daemon::start();
+    let socket = daemon.socket();
+
+    let alice_q = create_queue(socket, "alice", &server, ws);
+    let bob_q = create_queue(socket, "bob", &server, ws);
+    assert_ne!(alice_q.id, bob_q.id);
+    assert!(alice_q.uri.starts_with(&server), "{alice_q:?}");
+
+    // Queues belong to the app that created them.
+    let listed = muxctl_ok(socket, "alice", &["--json", "queue", "list"]);
+    assert!(listed.contains(&alice_q.id) && !listed.contains(&bob_q.id), "{listed}");
+    let out = muxctl(socket, "bob", &["recv", &alice_q.id]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not_found"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    muxctl_ok(socket, "bob", &["send", &alice_q.uri, "hello alice"]);
+    muxctl_ok(socket, "alice", &["send", &bob_q.uri, "hello bob"]);
+    assert_eq!(muxctl_recv(socket, "alice", &alice_q, 1), ["hello alice"]);
+    assert_eq!(muxctl_recv(socket, "bob", &bob_q, 1), ["hello bob"]);
+
+    let started = Instant::now();
+    let (got_alice, got_bob) = std::thread::scope(|s| {
+        s.spawn(|| send_all(socket, "bob", &alice_q.uri, "bob", MESSAGES));
+        s.spawn(|| send_all(socket, "alice", &bob_q.uri, "alice", MESSAGES));
+        let alice = s.spawn(|| recv_all(socket, "alice", &alice_q.id, MESSAGES));
+        let bob = s.spawn(|| recv_all(socket, "bob", &bob_q.id, MESSAGES));
+        (alice.join().unwrap(), bob.join().unwrap())
+    });
+    eprintln!(
+        "{} messages over {} in {:?}",
+        2 * MESSAGES,
+        if ws { "websocket" } else { "tls" },
+        started.elapsed()
+    );
+    assert_eq!(got_alice, expected("bob", MESSAGES));
+    assert_eq!(got_bob, expected("alice", MESSAGES));
+
+    // Nothing left over: every message was delivered once and acknowledged.
+    for (app, q) in [("alice", &alice_q), ("bob", &bob_q)] {
+        let out = muxctl_ok(socket, app, &["--json", "recv", &q.id]);
+        assert!(out.trim().is_empty(), "{app} has leftovers: {out}");
+    }
+
+    let ups = upstreams(socket);
+    assert_eq!(ups.len(), 1, "{ups:?}");
+    assert_eq!(ups[0]["state"], "up");
+    assert_eq!(ups[0]["transport"], if ws { "websocket" } else { "tls" });
+    assert_eq!(ups[0]["queues"], 4, "two own queues and two destinations");
+    assert_eq!(relay.sessions(), 1, "relay log:\n{}", relay.log());
+    assert_eq!(relay.refused(), 0, "relay log:\n{}", relay.log());
+}
+
+#[test]
+fn two_apps_exchange_a_thousand_messages_each_way_over_tls() {
+    exchange(false);
+}
+
+#[test]
+fn two_apps_exchange_a_thousand_messages_each_way_over_websocket() {
+    exchange(true);
+}
+
+#[test]
+fn wrong_key_hash_is_refused_with_a_clear_error() {
+    let relay = Relay::start();
+    let daemon = Daemon::start();
+    let socket = daemon.socket();
+    let (_, host_port) = relay.address().split_once('@').unwrap();
+    let wrong = format!("smp://{}=@{host_port}", "A".repeat(43));
+
+    let out = muxctl(socket, "alice", &["queue", "create", &wrong]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("upstream") && stderr.contains("server identity mismatch"),
+        "{stderr}"
+    );
+
+    let ups = upstreams(socket);
+    assert_eq!(ups.len(), 1, "{ups:?}");
+    assert_eq!(ups[0]["server"], wrong.as_str());
+    assert_eq!(ups[0]["state"], "failed");
+    let err = ups[0]["last_error"].as_str().unwrap();
+    assert!(err.starts_with("server identity mismatch"), "{err}");
+    // The text table shows it too.
+    let text = muxctl_ok(socket, "alice", &["status"]);
+    assert!(text.contains("server identity mismatch"), "{text}");
+
+    // The relay refused the TLS handshake and never saw an SMP session, so no command.
+    assert_eq!(relay.sessions(), 0, "relay log:\n{}", relay.log());
+    assert!(relay.refused() >= 1, "relay log:\n{}", relay.log());
+    // The daemon is unharmed.
+    assert!(muxctl_ok(socket, "alice", &["--json", "queue", "list"]).contains("[]"));
+}
+
+#[test]
+fn ed448_relay_is_accepted() {
+    let relay = Relay::builder()
+        .args(["--sign-algorithm", "ed448"])
+        .start();
+    let daemon = Daemon::start();
+    let socket = daemon.socket();
+    let q = create_queue(socket, "alice", relay.address(), false);
+    muxctl_ok(socket, "bob", &["send", &q.uri, "over ed448"]);
+    assert_eq!(muxctl_recv(socket, "alice", &q, 1), ["over ed448"]);
+    assert_eq!(relay.sessions(), 1, "relay log:\n{}", relay.log());
+}
+
+/// The relay dies and comes back (same identity, store and port). The daemon survives, status
+/// shows the server failed with the reason, a request during the outage fails with an
+/// `upstream` error, and the first request after the restart reconnects: the queue is
+/// subscribed again and messages flow.
+#[test]
+fn relay_restart_is_reported_and_a_later_request_reconnects() {
+    let mut relay = Relay::start();
+    let daemon = Daemon::start();
+    let socket = daemon.socket();
+    let q = create_queue(socket, "alice", relay.address(), false);
+    muxctl_ok(socket, "bob", &["send", &q.uri, "before"]);
+    assert_eq!(muxctl_recv(socket, "alice", &q, 1), ["before"]);
+
+    relay.kill();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let up = loop {
+        let ups = upstreams(socket);
+        if ups.iter().all(|u| u["state"] == "failed") {
+            break ups[0].clone();
+        }
+        assert!(Instant::now() < deadline, "the loss was not noticed: {ups:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(up["last_error"].as_str().is_some_and(|e| !e.is_empty()), "{up:?}");
+
+    // During the outage: a send tries to connect, is refused, and says so.
+    let mut client = RawClient::connect(socket);
+    client.hello("bob");
+    match client.request(Op::Send {
+        queue_uri: q.uri.clone(),
+        body_b64: base64::engine::general_purpose::STANDARD.encode("lost"),
+    }) {
+        ServerMessage::Error(e) => {
+            assert_eq!(e.code, ErrorCode::Upstream);
+            assert!(e.message.contains(relay.address()), "{}", e.message);
+            assert!(e.message.contains("connect"), "{}", e.message);
+        }
+        other => panic!("expected an upstream error, got {other:?}"),
+    }
+    let up = &upstreams(socket)[0];
+    assert_eq!(up["state"], "failed");
+    assert!(
+        up["last_error"].as_str().unwrap().contains("connect"),
+        "{up:?}"
+    );
+
+    relay.restart();
+    // The next request reconnects; alice's queue (kept in the relay's store log) is
+    // subscribed again on the new connection, so the message reaches her.
+    muxctl_ok(socket, "bob", &["send", &q.uri, "after"]);
+    assert_eq!(muxctl_recv(socket, "alice", &q, 1), ["after"]);
+    let ups = upstreams(socket);
+    assert_eq!(ups[0]["state"], "up", "{ups:?}");
+    assert_eq!(relay.sessions(), 1, "relay log:\n{}", relay.log());
+    assert!(daemon.log().contains("upstream disconnected"));
+}
