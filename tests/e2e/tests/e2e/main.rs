@@ -6,3 +6,4 @@
 mod daemon;
 mod muxctl;
 mod python;
+mod smp;
