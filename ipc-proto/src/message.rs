@@ -97,6 +97,22 @@ pub enum Op {
         /// The message's `msg_id` as `recv` gave it.
         msg_id: String,
     },
+    /// Drop and re-dial upstream connections now, resetting their backoff (also revives a
+    /// server that was given up as `lost`).
+    Reconnect {
+        /// The server's address; absent means every server.
+        #[serde(default)]
+        server: Option<String>,
+    },
+    /// Measure one server's round-trip lag at a high rate while this connection stays open:
+    /// `watching`, then a `lag` event per sample.
+    Lag {
+        /// The server's address as `status` shows it.
+        server: String,
+        /// Milliseconds between end-to-end pings (default 1000).
+        #[serde(default)]
+        interval_ms: Option<u64>,
+    },
 }
 
 /// A frame sent by the daemon to a client.
@@ -265,6 +281,44 @@ pub enum Event {
         /// Why: `"signal"`, `"request"`.
         reason: String,
     },
+    /// An upstream connection changed state (after `watch`).
+    Upstream(UpstreamStatus),
+    /// A round-trip sample for a server under `lag`.
+    Lag(LagEvent),
+}
+
+/// One lag sample and the server's lag summary after it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LagEvent {
+    /// The server's address.
+    pub server: String,
+    /// Where the sample came from: `"ping"`, `"command"` or `"tcp"`.
+    pub source: String,
+    /// The round-trip time, in microseconds.
+    pub rtt_us: u64,
+    /// Unix time of the sample, in milliseconds.
+    pub at_unix_ms: u64,
+    /// The summary of the server's lag history, this sample included.
+    pub summary: LagSummary,
+}
+
+/// Statistics over a server's recent round-trip samples, in microseconds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LagSummary {
+    /// Samples in the history.
+    pub count: u32,
+    /// Smallest sample.
+    pub min_us: u64,
+    /// Median.
+    pub p50_us: u64,
+    /// 95th percentile.
+    pub p95_us: u64,
+    /// Largest sample.
+    pub max_us: u64,
+    /// Mean.
+    pub mean_us: u64,
+    /// Mean absolute difference of consecutive samples.
+    pub jitter_us: u64,
 }
 
 /// The daemon's status.
@@ -284,7 +338,7 @@ pub struct StatusReport {
 }
 
 /// One upstream server connection.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpstreamStatus {
     /// The server's address as the user gave it (e.g. `smp://<keyHash>@host:port`).
     pub server: String,
@@ -302,6 +356,21 @@ pub struct UpstreamStatus {
     /// Queues routed through this connection.
     #[serde(default)]
     pub queues: u32,
+    /// Outbound messages waiting for this server.
+    #[serde(default)]
+    pub pending: u32,
+    /// Failed connection attempts since the last success.
+    #[serde(default)]
+    pub attempt: u32,
+    /// Milliseconds until the next connection attempt, while backing off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_retry_ms: Option<u64>,
+    /// The latest round-trip sample, in microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_last_us: Option<u64>,
+    /// Summary of recent round-trip samples, when there are any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<LagSummary>,
 }
 
 impl ErrorCode {

@@ -32,6 +32,11 @@ fn op() -> impl Strategy<Value = Op> {
             }
         ),
         (text(), text()).prop_map(|(queue_id, msg_id)| Op::Ack { queue_id, msg_id }),
+        option::of(text()).prop_map(|server| Op::Reconnect { server }),
+        (text(), option::of(any::<u64>())).prop_map(|(server, interval_ms)| Op::Lag {
+            server,
+            interval_ms
+        }),
     ]
 }
 
@@ -64,9 +69,41 @@ fn upstream() -> impl Strategy<Value = UpstreamStatus> {
                     state_since_unix_ms,
                     last_error,
                     queues,
+                    ..UpstreamStatus::default()
                 }
             },
         )
+        .prop_flat_map(|u| {
+            (
+                Just(u),
+                any::<(u32, u32)>(),
+                option::of(any::<u64>()),
+                option::of(any::<u64>()),
+                option::of(lag_summary()),
+            )
+        })
+        .prop_map(
+            |(u, (pending, attempt), next_retry_ms, rtt_last_us, lag)| UpstreamStatus {
+                pending,
+                attempt,
+                next_retry_ms,
+                rtt_last_us,
+                lag,
+                ..u
+            },
+        )
+}
+
+fn lag_summary() -> impl Strategy<Value = LagSummary> {
+    vec(any::<u64>(), 6).prop_map(|v| LagSummary {
+        count: v[0] as u32,
+        min_us: v[0],
+        p50_us: v[1],
+        p95_us: v[2],
+        max_us: v[3],
+        mean_us: v[4],
+        jitter_us: v[5],
+    })
 }
 
 fn status() -> impl Strategy<Value = StatusReport> {
@@ -158,6 +195,18 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
         }),
         status().prop_map(|s| ServerMessage::Event(Event::Status(s))),
         text().prop_map(|reason| ServerMessage::Event(Event::ShuttingDown { reason })),
+        upstream().prop_map(|u| ServerMessage::Event(Event::Upstream(u))),
+        (text(), text(), any::<u64>(), any::<u64>(), lag_summary()).prop_map(
+            |(server, source, rtt_us, at_unix_ms, summary)| {
+                ServerMessage::Event(Event::Lag(LagEvent {
+                    server,
+                    source,
+                    rtt_us,
+                    at_unix_ms,
+                    summary,
+                }))
+            }
+        ),
     ]
 }
 

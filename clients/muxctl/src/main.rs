@@ -797,6 +797,7 @@ mod tests {
                 state_since_unix_ms: 1_000_000,
                 last_error: None,
                 queues: 3,
+                ..UpstreamStatus::default()
             },
             UpstreamStatus {
                 server: "smp://k@b:443".into(),
@@ -806,6 +807,7 @@ mod tests {
                 state_since_unix_ms: 1_055_000,
                 last_error: Some("connection refused".into()),
                 queues: 0,
+                ..UpstreamStatus::default()
             },
         ];
         let s = render_status(&report(ups), 1_060_000);

@@ -556,6 +556,7 @@ impl Hub {
                 .saturating_add(millis(s.since.saturating_duration_since(self.started))),
             last_error: s.last_error.clone(),
             queues: u32::try_from(s.queues).unwrap_or(u32::MAX),
+            ..UpstreamStatus::default()
         }
     }
 }
