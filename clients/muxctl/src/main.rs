@@ -9,7 +9,9 @@ use anyhow::{Context, bail};
 use clap::{CommandFactory, Parser, Subcommand};
 use clap_complete::Shell;
 use muxd_ipc_client::{Client, ClientError};
-use muxd_ipc_proto::{Event, StatusReport, UpstreamStatus, default_socket_path};
+use muxd_ipc_proto::{
+    Event, LagSummary, Op, Reply, StatusReport, UpstreamStatus, default_socket_path,
+};
 use serde::Serialize;
 
 /// How long to wait for the daemon's hello before giving up: a live daemon answers at once,
@@ -124,6 +126,29 @@ enum Command {
         #[arg(long, value_name = "SECONDS")]
         timeout: Option<f64>,
     },
+    /// Drop and re-dial upstream connections now, resetting their backoff
+    Reconnect {
+        /// The server's address as `status` shows it
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        server: Option<String>,
+        /// Every server
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show a server's round-trip lag: the current summary, or live samples with --watch
+    Lag {
+        /// The server's address as `status` shows it
+        server: String,
+        /// Ping the server end to end and print each sample as it comes, like ping(8)
+        #[arg(short = 'w', long)]
+        watch: bool,
+        /// With --watch: seconds between pings
+        #[arg(short = 'i', long, value_name = "SECONDS", default_value_t = 1.0)]
+        interval: f64,
+        /// With --watch: stop after this many samples
+        #[arg(short = 'c', long, value_name = "N")]
+        count: Option<u64>,
+    },
     /// Print a shell completion script to standard output
     Completions {
         /// The shell to generate completions for
@@ -208,6 +233,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 count,
                 timeout,
             } => recv(&mut client, &mut out, queue_id, follow, count, timeout).await,
+            Command::Reconnect { server, all: _ } => reconnect(&mut client, &mut out, server).await,
+            Command::Lag {
+                server,
+                watch,
+                interval,
+                count,
+            } => lag(client, &mut out, server, watch, interval, count).await,
             Command::Completions { .. } => Ok(()),
         }
     })
@@ -478,11 +510,124 @@ async fn recv(
         if count.is_some_and(|c| received >= c) || !waits {
             return Ok(());
         }
-        if let Some(t) = timeout {
-            if last_progress.elapsed() >= t {
-                bail!("timed out after {received} messages");
-            }
+        if timeout.is_some_and(|t| last_progress.elapsed() >= t) {
+            bail!("timed out after {received} messages");
         }
+    }
+}
+
+async fn reconnect(
+    client: &mut Client,
+    out: &mut Output,
+    server: Option<String>,
+) -> anyhow::Result<()> {
+    match client
+        .request(Op::Reconnect {
+            server: server.clone(),
+        })
+        .await
+    {
+        Ok(Reply::Done) => {}
+        Ok(other) => bail!("unexpected reply to reconnect: {other:?}"),
+        Err(e) => return Err(anyhow::Error::new(e).context("reconnect failed")),
+    }
+    let what = server.unwrap_or_else(|| "all servers".into());
+    if out.json {
+        out.json_line(&serde_json::json!({ "reconnecting": what }))
+    } else {
+        out.text(&format!("reconnecting {what}"))
+    }
+}
+
+async fn lag(
+    mut client: Client,
+    out: &mut Output,
+    server: String,
+    watch: bool,
+    interval: f64,
+    count: Option<u64>,
+) -> anyhow::Result<()> {
+    if !watch {
+        let report = client.status().await.context("status request failed")?;
+        let Some(u) = report.upstreams.iter().find(|u| u.server == server) else {
+            bail!("no upstream connection to {server} (see `muxctl status`)");
+        };
+        if out.json {
+            return out.json_line(&serde_json::json!({
+                "server": u.server,
+                "rtt_last_us": u.rtt_last_us,
+                "lag": u.lag,
+            }));
+        }
+        return out.text(&render_lag_summary(&u.server, u.lag.as_ref()));
+    }
+    if !interval.is_finite() || interval <= 0.0 {
+        bail!("invalid interval {interval}: must be a positive number of seconds");
+    }
+    let interval_ms = Some((interval * 1e3).round().max(1.0) as u64);
+    match client
+        .request(Op::Lag {
+            server: server.clone(),
+            interval_ms,
+        })
+        .await
+    {
+        Ok(Reply::Watching) => {}
+        Ok(other) => bail!("unexpected reply to lag: {other:?}"),
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("lag on {server} failed"))),
+    }
+    if !out.json {
+        out.text(&format!(
+            "LAG {server}: one end-to-end ping every {interval} s"
+        ))?;
+    }
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut seq = 0u64;
+    let mut last: Option<LagSummary> = None;
+    while count.is_none_or(|c| seq < c) {
+        let ev = tokio::select! {
+            ev = client.next_event() => ev.context("lag stream failed")?,
+            _ = &mut ctrl_c => break,
+        };
+        let Some(ev) = ev else { break };
+        let Event::Lag(sample) = ev else { continue };
+        if sample.server != server {
+            continue;
+        }
+        seq += 1;
+        if out.json {
+            out.json_line(&sample)?;
+        } else {
+            out.text(&format!(
+                "seq={seq} source={} time={:.3} ms",
+                sample.source,
+                sample.rtt_us as f64 / 1e3
+            ))?;
+        }
+        last = Some(sample.summary);
+    }
+    if !out.json {
+        out.text(&format!("\n{}", render_lag_summary(&server, last.as_ref())))?;
+    }
+    Ok(())
+}
+
+/// The ping(8)-like summary of a lag history.
+fn render_lag_summary(server: &str, lag: Option<&LagSummary>) -> String {
+    let ms = |us: u64| us as f64 / 1e3;
+    match lag {
+        Some(l) if l.count > 0 => format!(
+            "--- {server} lag statistics ---\n{} samples\nrtt min/p50/p95/max/mean/jitter = {:.3}/{:.3}/{:.3}/{:.3}/{:.3}/{:.3} ms",
+            l.count,
+            ms(l.min_us),
+            ms(l.p50_us),
+            ms(l.p95_us),
+            ms(l.max_us),
+            ms(l.mean_us),
+            ms(l.jitter_us)
+        ),
+        _ => format!("--- {server} lag statistics ---\nno samples yet"),
     }
 }
 
@@ -636,6 +781,17 @@ fn since(up: &UpstreamStatus, now_ms: u64) -> String {
     format!("{} ago", human_duration(now_ms - up.state_since_unix_ms))
 }
 
+/// `last/p50/p95` in milliseconds, or `-` before the first sample.
+fn rtt_cell(u: &UpstreamStatus) -> String {
+    let ms = |us: u64| format!("{:.1}", us as f64 / 1e3);
+    match (&u.lag, u.rtt_last_us) {
+        (Some(l), Some(last)) if l.count > 0 => {
+            format!("{}/{}/{} ms", ms(last), ms(l.p50_us), ms(l.p95_us))
+        }
+        _ => "-".into(),
+    }
+}
+
 fn render_status(r: &StatusReport, now_ms: u64) -> String {
     let mut s = format!(
         "daemon:   muxd {}\npid:      {}\nuptime:   {}\nclients:  {}\n\n",
@@ -654,10 +810,14 @@ fn render_status(r: &StatusReport, now_ms: u64) -> String {
         "TRANSPORT",
         "STATE",
         "SINCE",
+        "RTT LAST/P50/P95",
+        "ATTEMPT",
+        "RETRY IN",
         "QUEUES",
+        "PENDING",
         "LAST ERROR",
     ];
-    let rows: Vec<[String; 7]> = r
+    let rows: Vec<[String; 11]> = r
         .upstreams
         .iter()
         .map(|u| {
@@ -667,7 +827,12 @@ fn render_status(r: &StatusReport, now_ms: u64) -> String {
                 u.transport.clone(),
                 u.state.clone(),
                 since(u, now_ms),
+                rtt_cell(u),
+                u.attempt.to_string(),
+                u.next_retry_ms
+                    .map_or_else(|| "-".into(), |ms| format!("{:.1}s", ms as f64 / 1e3)),
                 u.queues.to_string(),
+                u.pending.to_string(),
                 u.last_error.clone().unwrap_or_else(|| "-".into()),
             ]
         })
@@ -722,6 +887,21 @@ fn render_event(ev: &Event) -> String {
             line
         }
         Event::ShuttingDown { reason } => format!("shutting_down reason={reason}"),
+        Event::Upstream(u) => format!(
+            "upstream {} state={} attempt={}{}",
+            u.server,
+            u.state,
+            u.attempt,
+            u.last_error
+                .as_deref()
+                .map_or_else(String::new, |e| format!(" error=\"{e}\""))
+        ),
+        Event::Lag(l) => format!(
+            "lag {} source={} time={:.3} ms",
+            l.server,
+            l.source,
+            l.rtt_us as f64 / 1e3
+        ),
         // A newer daemon may send events this muxctl does not know by name.
         other => format!("event {other:?}"),
     }
@@ -797,6 +977,17 @@ mod tests {
                 state_since_unix_ms: 1_000_000,
                 last_error: None,
                 queues: 3,
+                pending: 1,
+                rtt_last_us: Some(1_500),
+                lag: Some(LagSummary {
+                    count: 3,
+                    min_us: 900,
+                    p50_us: 1_200,
+                    p95_us: 2_250,
+                    max_us: 2_250,
+                    mean_us: 1_450,
+                    jitter_us: 700,
+                }),
                 ..UpstreamStatus::default()
             },
             UpstreamStatus {
@@ -807,6 +998,8 @@ mod tests {
                 state_since_unix_ms: 1_055_000,
                 last_error: Some("connection refused".into()),
                 queues: 0,
+                attempt: 4,
+                next_retry_ms: Some(3_250),
                 ..UpstreamStatus::default()
             },
         ];
@@ -815,9 +1008,9 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "SERVER                  PROFILE  TRANSPORT  STATE        SINCE      QUEUES  LAST ERROR",
-                "smp://k@a.example:5223  smp      tls        up           1m00s ago  3       -",
-                "smp://k@b:443           smp      websocket  backing_off  5s ago     0       connection refused",
+                "SERVER                  PROFILE  TRANSPORT  STATE        SINCE      RTT LAST/P50/P95  ATTEMPT  RETRY IN  QUEUES  PENDING  LAST ERROR",
+                "smp://k@a.example:5223  smp      tls        up           1m00s ago  1.5/1.2/2.2 ms    0        -         3       1        -",
+                "smp://k@b:443           smp      websocket  backing_off  5s ago     -                 4        3.2s      0       0        connection refused",
             ]
         );
     }

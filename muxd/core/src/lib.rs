@@ -22,7 +22,7 @@ mod request;
 mod sender;
 mod server;
 
-pub use config::PoolConfig;
+pub use config::{PoolConfig, ServerPolicy};
 pub use error::PoolError;
 pub use mailbox::{Mailbox, MemoryMailbox, REMEMBERED_ACKS, ReceivedMessage};
 pub use pool::{MAX_BODY_LEN, Pool};
@@ -30,3 +30,6 @@ pub use request::{
     Action, PoolEvent, PoolReply, PoolRequest, QueueInfo, RequestToken, Subscription,
 };
 pub use server::{ConnState, ServerKey, ServerStatus, Transport, TransportInfo};
+
+/// The lag types of [`Pool::lag`] and [`ServerStatus::lag`], re-exported for drivers.
+pub use muxd_profile_core::{BackoffConfig, Jitter, LagHistory, LagSample, LagSource, LagSummary};

@@ -2,17 +2,20 @@
 //! them together. See [`Pool`] for the call order.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use muxd_smp::address::{QueueUri, SmpServer, VersionRange};
 use muxd_smp::block::BLOCK_SIZE;
 use muxd_smp::cert::KeyHash;
 use muxd_smp::command::{Command, NewQueue, QueueIds, QueueRequest, Response, SubscriptionMode};
-use muxd_smp::connection::{CommandError, Connection, Event, ServerIdentity};
+use muxd_profile_core::{LagHistory, LagSource};
+use muxd_smp::connection::{
+    CommandError, Connection, ConnectionError, CorrId, Event, ServerIdentity,
+};
 use muxd_smp::crypto::QueueAuthKey;
 use muxd_smp::e2e::E2E_CONFIRMATION_PAD;
 use muxd_smp::encoding::base64url_encode;
-use muxd_smp::error::ErrorType;
+use muxd_smp::error::{ErrorType, ReconnectAction};
 use muxd_smp::keys::{Ed25519SecretKey, X25519PublicKey, X25519SecretKey};
 use rand_core::{CryptoRng, RngCore};
 
@@ -25,7 +28,8 @@ use crate::request::{
 };
 use crate::sender::{Confirmation, DestKey, OutMsg, OutState, Secured, SendKind, SndQueue};
 use crate::server::{
-    ConnState, Deferred, Pending, Server, ServerKey, ServerStatus, Transport, TransportInfo,
+    ConnState, Deferred, Flight, Pending, Server, ServerKey, ServerStatus, Transport,
+    TransportInfo,
 };
 
 /// The longest message body an app may send.
@@ -39,6 +43,31 @@ pub const MAX_BODY_LEN: usize = E2E_CONFIRMATION_PAD - 2 - (1 + 1 + 44);
 /// The SMP client versions our queue URIs offer (`v=2-4`: every host in the authority,
 /// sender may secure, short-link aware).
 const URI_CLIENT_VERSIONS: VersionRange = VersionRange { min: 2, max: 4 };
+
+/// The profile's own keep-alive is switched off by setting its interval this far out: the
+/// pool runs keep-alive itself (PONG deadline, missed-PONG count, lag watch). Ten years
+/// stays far from `Instant` overflow.
+const PROFILE_PING_OFF: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// How a connection loss is to be handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loss {
+    /// Reconnecting may help: back off and try again if anything needs the server.
+    Transient,
+    /// Reconnecting will not help (identity mismatch, no common version): `lost` at once.
+    Permanent,
+}
+
+/// Whether a transport failure reported as text is one retrying cannot fix. The transport
+/// reports certificate problems with these prefixes (`muxd_transport::Error::Identity`).
+fn permanent_transport_failure(reason: &str) -> bool {
+    reason.starts_with("server identity mismatch") || reason.starts_with("untrusted chain")
+}
+
+/// Whether a queue in this state needs the server's connection.
+fn live(subscription: Subscription) -> bool {
+    matches!(subscription, Subscription::Subscribed | Subscription::Pending)
+}
 
 /// The upstream pool (sans-IO): one SMP connection per server carries the queues of every app.
 ///
@@ -59,10 +88,19 @@ const URI_CLIENT_VERSIONS: VersionRange = VersionRange { min: 2, max: 4 };
 /// randomness come in as arguments; the pool reads no clock and does no IO.
 ///
 /// Requests that need a server that is not connected ask for [`Action::Connect`] and wait,
-/// bounded by [`PoolConfig::max_pending_per_server`]. A failed connection fails what waits
-/// for it with the reason, and the server's status shows `failed` with that error. There is
-/// no automatic reconnection: the next request that needs the server connects again, and
-/// then the queues that were subscribed are subscribed again.
+/// bounded by [`PoolConfig::max_pending_per_server`].
+///
+/// Each server goes through idle → connecting → handshaking → up, and on a failure either
+/// to `failed` (nothing needs it) or to backing-off → connecting … until the handshake and
+/// the resubscription of every queue succeed; after the backoff's last attempt it is `lost`
+/// until [`reconnect`](Self::reconnect) or [`handle_network_change`](Self::handle_network_change).
+/// Every transition is a [`PoolEvent::ServerChanged`]. A loss fails queue creations and
+/// deletions that waited for the connection; messages to send wait (up to
+/// [`PoolConfig::send_timeout`]) and go out after the reconnect in per-queue order. A
+/// message whose OK was lost with the connection is sent again, so it may reach the
+/// recipient twice; none is lost. Identity mismatches and version gaps go to `lost` at once
+/// (no retry loop) and fail what waits. Keep-alive, lag history and idle disconnect follow
+/// each server's [`crate::ServerPolicy`].
 #[derive(Debug)]
 pub struct Pool<M: Mailbox = MemoryMailbox> {
     config: PoolConfig,
@@ -113,9 +151,32 @@ impl<M: Mailbox> Pool<M> {
                 since: s.since,
                 last_error: s.last_error.clone(),
                 queues: self.queues.values().filter(|q| q.server == *key).count()
-                    + self.senders.keys().filter(|d| d.server == *key).count(),
+                    + self.senders_of(key).count(),
+                attempt: s.backoff.attempt(),
+                next_retry_at: s.retry_at.filter(|_| s.state == ConnState::BackingOff),
+                pending_sends: self.senders_of(key).map(|(_, q)| q.outbox.len()).sum(),
+                lag: s.lag.summary(),
             })
             .collect()
+    }
+
+    /// The round-trip samples of one server, oldest first.
+    pub fn lag(&self, server: &ServerKey) -> Option<&LagHistory> {
+        self.servers.get(server).map(|s| &s.lag)
+    }
+
+    /// The sender queues whose server is `key` (the table is ordered by server first).
+    fn senders_of<'a>(
+        &'a self,
+        key: &'a ServerKey,
+    ) -> impl Iterator<Item = (&'a DestKey, &'a SndQueue)> + 'a {
+        let start = DestKey {
+            server: key.clone(),
+            sender_id: Vec::new(),
+        };
+        self.senders
+            .range(start..)
+            .take_while(move |(d, _)| d.server == *key)
     }
 
     /// The queues `app` owns, by queue id.
@@ -175,12 +236,38 @@ impl<M: Mailbox> Pool<M> {
     /// When [`handle_timeout`](Self::handle_timeout) should be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let servers = self.servers.values().flat_map(|s| {
+            let up = s.state == ConnState::Up;
+            let ping = match s.ping {
+                Some((_, deadline)) => Some(deadline),
+                None => up.then(|| s.next_ping()),
+            };
+            let retry = match s.state {
+                // The delay is still to be drawn: as soon as possible.
+                ConnState::BackingOff => Some(s.retry_at.unwrap_or(s.since)),
+                _ => None,
+            };
+            let idle = s
+                .idle_since
+                .zip(s.policy.idle_disconnect)
+                .filter(|_| up)
+                .map(|(t, d)| t + d);
             [
                 s.connect_deadline,
                 s.conn.as_ref().and_then(Connection::poll_timeout),
+                ping.filter(|_| up),
+                retry,
+                idle,
             ]
         });
-        let senders = self.senders.values().map(|s| s.retry_at);
+        let senders = self.senders.values().flat_map(|s| {
+            let expiry = self.config.send_timeout.and_then(|t| {
+                s.outbox
+                    .iter()
+                    .find(|m| m.state == OutState::Queued)
+                    .map(|m| m.queued_at + t)
+            });
+            [s.retry_at, expiry]
+        });
         servers.chain(senders).flatten().min()
     }
 
@@ -235,13 +322,14 @@ impl<M: Mailbox> Pool<M> {
             tls_leaf_key: transport.tls_leaf_key,
             tls_session_id: transport.tls_session_id,
         };
-        s.conn = Some(Connection::new(
-            now,
-            self.config.connection.clone(),
-            identity,
-            rng,
-        ));
+        let mut config = self.config.connection.clone();
+        config.ping_interval = PROFILE_PING_OFF;
+        s.conn = Some(Connection::new(now, config, identity, rng));
         s.connect_deadline = None;
+        s.last_received = now;
+        s.ping = None;
+        s.missed_pongs = 0;
+        s.probe = false;
         self.set_state(now, server, ConnState::Handshaking);
         self.drive_all(now, rng);
     }
@@ -254,7 +342,10 @@ impl<M: Mailbox> Pool<M> {
         server: &ServerKey,
         block: &[u8],
     ) {
-        if let Some(conn) = self.servers.get_mut(server).and_then(|s| s.conn.as_mut()) {
+        if let Some(s) = self.servers.get_mut(server)
+            && let Some(conn) = s.conn.as_mut()
+        {
+            s.last_received = now;
             conn.handle_input(now, block);
         }
         self.drive_all(now, rng);
@@ -271,8 +362,110 @@ impl<M: Mailbox> Pool<M> {
             )
         });
         if live {
-            self.lost(now, server, reason);
+            let loss = if permanent_transport_failure(&reason) {
+                Loss::Permanent
+            } else {
+                Loss::Transient
+            };
+            self.lost(now, server, reason, loss);
         }
+    }
+
+    /// The kernel's RTT estimate for `server`'s socket (or any other sample the driver
+    /// measured), for the lag history.
+    pub fn handle_rtt_sample(
+        &mut self,
+        now: Instant,
+        server: &ServerKey,
+        rtt: Duration,
+        source: LagSource,
+    ) {
+        if let Some(s) = self.servers.get_mut(server) {
+            s.lag.push(now, rtt, source);
+        }
+    }
+
+    /// PING `server` every `interval` (its policy's `lag_watch_interval` when `None`) while
+    /// someone watches its lag; `watch = false` goes back to background keep-alive only.
+    /// Returns whether the server is known.
+    pub fn set_lag_watch(
+        &mut self,
+        server: &ServerKey,
+        watch: bool,
+        interval: Option<Duration>,
+    ) -> bool {
+        let Some(s) = self.servers.get_mut(server) else {
+            return false;
+        };
+        s.lag_watch = watch.then(|| {
+            interval
+                .unwrap_or(s.policy.lag_watch_interval)
+                .max(Duration::from_millis(10))
+        });
+        true
+    }
+
+    /// `muxctl reconnect`: connect `server` (every server when `None`) again now. A server
+    /// that is up is closed and reopened; one that is backing off or lost starts a fresh
+    /// backoff schedule. Idle and failed servers with nothing to do are left alone.
+    /// Returns how many servers were (re)connected.
+    pub fn reconnect(&mut self, now: Instant, server: Option<&ServerKey>) -> usize {
+        let keys: Vec<ServerKey> = match server {
+            Some(k) => self.servers.contains_key(k).then(|| k.clone()).into_iter().collect(),
+            None => self.servers.keys().cloned().collect(),
+        };
+        let mut count = 0;
+        for key in &keys {
+            let Some(state) = self.servers.get(key).map(|s| s.state) else {
+                continue;
+            };
+            match state {
+                ConnState::Up | ConnState::Handshaking | ConnState::Connecting => {
+                    self.lost(now, key, "reconnect requested".to_owned(), Loss::Transient);
+                    self.actions.push_back(Action::Disconnect {
+                        server: key.clone(),
+                    });
+                }
+                ConnState::Idle | ConnState::Failed if !self.needs_connection(key) => continue,
+                _ => {}
+            }
+            self.wake(now, key);
+            count += 1;
+        }
+        count
+    }
+
+    /// The network changed (interface up, new address, resume from sleep): servers that are
+    /// backing off or lost are tried again at once with a fresh backoff, and connections that
+    /// look up are probed with a PING (two missed PONGs and they are replaced).
+    pub fn handle_network_change(&mut self, now: Instant) {
+        let keys: Vec<ServerKey> = self.servers.keys().cloned().collect();
+        for key in &keys {
+            let Some(state) = self.servers.get(key).map(|s| s.state) else {
+                continue;
+            };
+            match state {
+                ConnState::Up => {
+                    if let Some(s) = self.servers.get_mut(key) {
+                        s.probe = true;
+                    }
+                }
+                ConnState::BackingOff | ConnState::Lost => self.wake(now, key),
+                ConnState::Failed if self.needs_connection(key) => self.wake(now, key),
+                _ => {}
+            }
+        }
+    }
+
+    /// A fresh backoff schedule and a connection attempt now.
+    fn wake(&mut self, now: Instant, key: &ServerKey) {
+        let Some(s) = self.servers.get_mut(key) else {
+            return;
+        };
+        s.backoff.wake();
+        s.permanent = false;
+        s.retry_at = None;
+        self.connect(now, key);
     }
 
     /// Fires what is due at `now`: connect and command timeouts, keep-alives, send retries.
@@ -287,7 +480,7 @@ impl<M: Mailbox> Pool<M> {
                     "connection not established within {}s",
                     self.config.connect_timeout.as_secs()
                 );
-                self.lost(now, key, reason);
+                self.lost(now, key, reason, Loss::Transient);
                 self.actions.push_back(Action::Disconnect {
                     server: key.clone(),
                 });
@@ -298,7 +491,14 @@ impl<M: Mailbox> Pool<M> {
             {
                 conn.handle_timeout(now, rng);
             }
+            match s.state {
+                ConnState::Up => self.keepalive(now, rng, key),
+                ConnState::BackingOff => self.backoff_step(now, rng, key),
+                _ => {}
+            }
+            self.idle_check(now, key);
         }
+        self.expire_sends(now);
         let due: Vec<DestKey> = self
             .senders
             .iter_mut()
@@ -335,6 +535,7 @@ impl<M: Mailbox> Pool<M> {
             Transport::Tls
         };
         let key = self.server_entry(now, &address, transport)?;
+        self.check_not_lost(&key)?;
         self.check_capacity(&key)?;
         if let Some(s) = self.servers.get_mut(&key) {
             s.deferred.push_back(Deferred::Create {
@@ -363,6 +564,7 @@ impl<M: Mailbox> Pool<M> {
             return Ok(());
         }
         let key = q.server.clone();
+        self.check_not_lost(&key)?;
         self.check_capacity(&key)?;
         if let Some(s) = self.servers.get_mut(&key) {
             s.deferred.push_back(Deferred::Delete { token, queue_id });
@@ -423,6 +625,7 @@ impl<M: Mailbox> Pool<M> {
             body,
             state: OutState::Queued,
             retries: 0,
+            queued_at: now,
         });
         self.connect_or_run(now, rng, &key);
         Ok(())
@@ -442,10 +645,41 @@ impl<M: Mailbox> Pool<M> {
             ))
         })?;
         let key = ServerKey::new(address, transport);
-        self.servers
-            .entry(key.clone())
-            .or_insert_with(|| Server::new(now, address, KeyHash::from_bytes(key_hash)));
+        if !self.servers.contains_key(&key) {
+            let policy = self.policy_for(&key);
+            let server = Server::new(now, address, KeyHash::from_bytes(key_hash), policy);
+            self.servers.insert(key.clone(), server);
+        }
         Ok(key)
+    }
+
+    /// The configured policy of a server: its entry in `server_policies` (matched on the
+    /// normalised address), else the default.
+    fn policy_for(&self, key: &ServerKey) -> crate::config::ServerPolicy {
+        self.config
+            .server_policies
+            .iter()
+            .find(|(address, _)| {
+                address.parse::<SmpServer>().is_ok_and(|a| {
+                    ServerKey::new(&a, key.transport()).address() == key.address()
+                })
+            })
+            .map_or_else(|| self.config.policy.clone(), |(_, p)| p.clone())
+    }
+
+    /// Queue creations and deletions fail at once on a server the pool gave up on, rather
+    /// than wait for a connection that will not come by itself.
+    fn check_not_lost(&self, key: &ServerKey) -> Result<(), PoolError> {
+        match self.servers.get(key) {
+            Some(s) if s.state == ConnState::Lost => Err(PoolError::upstream(
+                key,
+                format!(
+                    "server lost ({}); waiting for a reconnect request or a network change",
+                    s.last_error.as_deref().unwrap_or("unreachable")
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn check_capacity(&self, key: &ServerKey) -> Result<(), PoolError> {
@@ -455,7 +689,7 @@ impl<M: Mailbox> Pool<M> {
         let commands = s
             .commands
             .values()
-            .filter(|p| matches!(p, Pending::New(_) | Pending::Del { .. }))
+            .filter(|f| matches!(f.pending, Pending::New(_) | Pending::Del { .. }))
             .count();
         let outbox: usize = self
             .senders
@@ -487,18 +721,188 @@ impl<M: Mailbox> Pool<M> {
         };
         match s.state {
             ConnState::Up => self.run_waiting(now, rng, key),
-            ConnState::Connecting | ConnState::Handshaking => {}
-            ConnState::Idle | ConnState::Failed => {
-                s.connect_deadline = Some(now + self.config.connect_timeout);
-                self.actions.push_back(Action::Connect {
-                    server: key.clone(),
-                    host: s.host.clone(),
-                    port: s.port,
-                    key_hash: s.key_hash,
-                    websocket: key.transport() == Transport::WebSocket,
-                });
-                self.set_state(now, key, ConnState::Connecting);
+            // Sends wait for the next attempt (or a reconnect request when lost).
+            ConnState::Connecting
+            | ConnState::Handshaking
+            | ConnState::BackingOff
+            | ConnState::Lost => {}
+            ConnState::Idle | ConnState::Failed => self.connect(now, key),
+        }
+    }
+
+    /// Asks the driver for a transport to `key`.
+    fn connect(&mut self, now: Instant, key: &ServerKey) {
+        let Some(s) = self.servers.get_mut(key) else {
+            return;
+        };
+        s.connect_deadline = Some(now + self.config.connect_timeout);
+        s.retry_at = None;
+        self.actions.push_back(Action::Connect {
+            server: key.clone(),
+            host: s.host.clone(),
+            port: s.port,
+            key_hash: s.key_hash,
+            websocket: key.transport() == Transport::WebSocket,
+        });
+        self.set_state(now, key, ConnState::Connecting);
+    }
+
+    /// Whether anything needs `key`'s connection: queues to receive on, messages to send,
+    /// requests waiting for it.
+    fn needs_connection(&self, key: &ServerKey) -> bool {
+        let Some(s) = self.servers.get(key) else {
+            return false;
+        };
+        s.live_queues > 0
+            || !s.deferred.is_empty()
+            || self.senders_of(key).any(|(_, q)| !q.outbox.is_empty())
+    }
+
+    /// Keep-alive of an established connection: PONG deadline, then the next PING (after
+    /// `ping_idle` of silence, every `lag_watch` interval, or at once after a miss).
+    fn keepalive<R: RngCore + CryptoRng>(&mut self, now: Instant, rng: &mut R, key: &ServerKey) {
+        let Some(s) = self.servers.get_mut(key) else {
+            return;
+        };
+        if let Some((corr_id, deadline)) = s.ping {
+            if deadline > now {
+                return;
             }
+            // A late PONG will find no command and be ignored.
+            s.ping = None;
+            s.commands.remove(&corr_id);
+            s.missed_pongs += 1;
+            if s.missed_pongs >= s.policy.max_missed_pongs.max(1) {
+                let reason = format!(
+                    "no PONG within {}s, {} times in a row",
+                    s.policy.pong_timeout.as_secs(),
+                    s.missed_pongs
+                );
+                tracing::info!(server = %key, %reason, "dead link");
+                self.lost(now, key, reason, Loss::Transient);
+                self.actions.push_back(Action::Disconnect {
+                    server: key.clone(),
+                });
+                return;
+            }
+        }
+        if s.next_ping() > now {
+            return;
+        }
+        let deadline = now + s.policy.pong_timeout;
+        match command_on(
+            &mut self.servers,
+            now,
+            rng,
+            key,
+            b"",
+            &Command::Ping,
+            None,
+            Pending::Ping,
+        ) {
+            Ok(corr_id) => {
+                if let Some(s) = self.servers.get_mut(key) {
+                    s.ping = Some((corr_id, deadline));
+                    s.last_ping = Some(now);
+                    s.probe = false;
+                }
+            }
+            Err(e) => tracing::warn!(server = %key, error = %e, "could not queue PING"),
+        }
+    }
+
+    /// Backing off: draw the delay (once per failure), then connect when it has passed, or
+    /// give up when the policy has no attempts left.
+    fn backoff_step<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+        key: &ServerKey,
+    ) {
+        let Some(s) = self.servers.get_mut(key) else {
+            return;
+        };
+        let retry_at = match s.retry_at {
+            Some(t) => t,
+            None => match s.backoff.next_delay(rng) {
+                Some(delay) => {
+                    let at = s.since + delay;
+                    s.retry_at = Some(at);
+                    let attempt = s.backoff.attempt();
+                    tracing::debug!(server = %key, ?delay, attempt, "reconnecting later");
+                    self.actions
+                        .push_back(Action::Event(PoolEvent::Reconnecting {
+                            server: key.clone(),
+                            delay,
+                            attempt,
+                        }));
+                    at
+                }
+                None => {
+                    tracing::info!(server = %key, attempts = s.backoff.attempt(), "giving up");
+                    self.set_state(now, key, ConnState::Lost);
+                    return;
+                }
+            },
+        };
+        if retry_at <= now {
+            self.connect(now, key);
+        }
+    }
+
+    /// Starts, clears or fires the idle timer of an established connection.
+    fn idle_check(&mut self, now: Instant, key: &ServerKey) {
+        let busy = self.needs_connection(key);
+        let Some(s) = self.servers.get_mut(key) else {
+            return;
+        };
+        let Some(after) = s.policy.idle_disconnect.filter(|_| s.state == ConnState::Up) else {
+            s.idle_since = None;
+            return;
+        };
+        if busy || !s.commands.is_empty() || s.lag_watch.is_some() || s.resubscribing {
+            s.idle_since = None;
+            return;
+        }
+        let since = *s.idle_since.get_or_insert(now);
+        if since + after <= now {
+            tracing::debug!(server = %key, "closing an idle connection");
+            s.conn = None;
+            s.idle_since = None;
+            s.ping = None;
+            self.actions.push_back(Action::Disconnect {
+                server: key.clone(),
+            });
+            self.set_state(now, key, ConnState::Idle);
+        }
+    }
+
+    /// Fails messages that waited longer than `send_timeout` without being sent.
+    fn expire_sends(&mut self, now: Instant) {
+        let Some(timeout) = self.config.send_timeout else {
+            return;
+        };
+        let expired: Vec<(DestKey, u64)> = self
+            .senders
+            .iter()
+            .flat_map(|(d, q)| {
+                q.outbox
+                    .iter()
+                    .filter(|m| m.state == OutState::Queued && m.queued_at + timeout <= now)
+                    .map(|m| (d.clone(), m.seq))
+            })
+            .collect();
+        for (dest, seq) in expired {
+            let state = self
+                .servers
+                .get(&dest.server)
+                .map_or("unknown", |s| s.state.as_str());
+            let reason = format!(
+                "not sent within {}s (server {state})",
+                timeout.as_secs()
+            );
+            let error = PoolError::upstream(&dest.server, reason);
+            self.fail_message(&dest, seq, error);
         }
     }
 
@@ -636,7 +1040,7 @@ impl<M: Mailbox> Pool<M> {
                         pending,
                     );
                     match sent {
-                        Ok(()) => s.secured = Secured::InFlight,
+                        Ok(_) => s.secured = Secured::InFlight,
                         Err(e) => {
                             let error = PoolError::upstream(&dest.server, format!("SKEY: {e}"));
                             self.fail_outbox(dest, &error);
@@ -690,7 +1094,7 @@ impl<M: Mailbox> Pool<M> {
                 pending,
             );
             match sent {
-                Ok(()) => {
+                Ok(_) => {
                     s.outbox[i].state = OutState::InFlight(kind);
                     in_flight += 1;
                     if matches!(kind, SendKind::Confirmation { .. }) {
@@ -733,6 +1137,7 @@ impl<M: Mailbox> Pool<M> {
                     block,
                 });
             }
+            self.idle_check(now, key);
         }
     }
 
@@ -757,13 +1162,22 @@ impl<M: Mailbox> Pool<M> {
                 if matches!(result, Err(CommandError::ConnectionClosed)) {
                     return;
                 }
-                let pending = self
-                    .servers
-                    .get_mut(key)
-                    .and_then(|s| s.commands.remove(&corr_id));
-                if let Some(pending) = pending {
-                    self.on_response(now, rng, key, pending, result);
+                let Some(s) = self.servers.get_mut(key) else {
+                    return;
+                };
+                let Some(flight) = s.commands.remove(&corr_id) else {
+                    return;
+                };
+                // Every answer is a free lag sample; a timeout is our own verdict, not one.
+                if !matches!(result, Err(CommandError::Timeout)) {
+                    let source = match flight.pending {
+                        Pending::Ping => LagSource::Ping,
+                        _ => LagSource::Command,
+                    };
+                    s.lag
+                        .push(now, now.saturating_duration_since(flight.sent), source);
                 }
+                self.on_response(now, rng, key, flight.pending, result);
             }
             Event::ServerEvent {
                 entity_id,
@@ -784,9 +1198,14 @@ impl<M: Mailbox> Pool<M> {
             }
             Event::BadBlock(fault) => tracing::warn!(server = %key, %fault, "bad block"),
             Event::Closed(error) => {
-                let reason =
-                    error.map_or_else(|| "connection closed".to_owned(), |e| e.to_string());
-                self.lost(now, key, reason);
+                let loss = match &error {
+                    Some(e) if e.reconnect() == ReconnectAction::GiveUp => Loss::Permanent,
+                    _ => Loss::Transient,
+                };
+                let reason = error
+                    .as_ref()
+                    .map_or_else(|| "connection closed".to_owned(), ConnectionError::to_string);
+                self.lost(now, key, reason, loss);
                 self.actions.push_back(Action::Disconnect {
                     server: key.clone(),
                 });
@@ -795,21 +1214,102 @@ impl<M: Mailbox> Pool<M> {
         }
     }
 
-    /// The handshake is done: restore subscriptions and pending KEYs, then run what waited.
+    /// The handshake is done: restore subscriptions (in rounds of `resubscribe_chunk`) and
+    /// pending KEYs, then run what waited.
     fn on_up<R: RngCore + CryptoRng>(&mut self, now: Instant, rng: &mut R, key: &ServerKey) {
-        let mut commands = Vec::new();
+        let mut keys = Vec::new();
+        let mut subs = VecDeque::new();
         for (id, q) in self.queues.iter().filter(|(_, q)| q.server == *key) {
             if q.subscription == Subscription::Pending {
-                commands.push((id.clone(), Command::Sub));
+                subs.push_back(id.clone());
             }
             if let Some(k) = q.sender_key.as_ref().filter(|_| !q.secured) {
-                commands.push((id.clone(), Command::Key(k.to_spki())));
+                keys.push((id.clone(), Command::Key(k.to_spki())));
             }
         }
-        for (queue_id, command) in commands {
+        for (queue_id, command) in keys {
             self.queue_command(now, rng, key, &queue_id, &command);
         }
+        if let Some(s) = self.servers.get_mut(key) {
+            tracing::debug!(server = %key, queues = subs.len(), "resubscribing");
+            s.resub_queue = subs;
+            s.resub_in_flight = 0;
+            s.resub_failed = false;
+            s.resubscribing = true;
+        }
+        self.resub_round(now, rng, key);
         self.run_waiting(now, rng, key);
+    }
+
+    /// Sends the next round of SUBs once the previous one is fully answered; when none are
+    /// left the connection has succeeded and the backoff starts over.
+    fn resub_round<R: RngCore + CryptoRng>(&mut self, now: Instant, rng: &mut R, key: &ServerKey) {
+        loop {
+            let Some(s) = self.servers.get_mut(key) else {
+                return;
+            };
+            if s.resub_in_flight > 0 || !s.resubscribing {
+                return;
+            }
+            if s.resub_queue.is_empty() {
+                if s.resub_failed {
+                    // Some SUB went unanswered: not a success, the backoff keeps counting.
+                    s.resubscribing = false;
+                } else {
+                    tracing::debug!(server = %key, "connection ready");
+                    s.ready();
+                }
+                return;
+            }
+            let n = s.policy.resubscribe_chunk.max(1).min(s.resub_queue.len());
+            let round: Vec<String> = s.resub_queue.drain(..n).collect();
+            let mut sent = 0;
+            for queue_id in round {
+                if self.send_sub(now, rng, key, &queue_id) {
+                    sent += 1;
+                }
+            }
+            if let Some(s) = self.servers.get_mut(key) {
+                s.resub_in_flight = sent;
+            }
+        }
+    }
+
+    /// Sends the SUB of a (re)subscription round; `false` when it could not be queued.
+    fn send_sub<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+        key: &ServerKey,
+        queue_id: &str,
+    ) -> bool {
+        let Some(q) = self
+            .queues
+            .get_mut(queue_id)
+            .filter(|q| q.subscription == Subscription::Pending)
+        else {
+            return false;
+        };
+        let pending = Pending::Sub {
+            queue_id: queue_id.to_owned(),
+            resub: true,
+        };
+        match command_on(
+            &mut self.servers,
+            now,
+            rng,
+            key,
+            &q.rcv_id,
+            &Command::Sub,
+            Some(&q.rcv_auth),
+            pending,
+        ) {
+            Ok(_) => true,
+            Err(e) => {
+                q.last_error = Some(format!("SUB: {e}"));
+                false
+            }
+        }
     }
 
     /// Sends a recipient command (SUB, KEY, ACK) for one of the apps' queues.
@@ -826,7 +1326,10 @@ impl<M: Mailbox> Pool<M> {
         };
         let queue_id = queue_id.to_owned();
         let pending = match command {
-            Command::Sub => Pending::Sub { queue_id },
+            Command::Sub => Pending::Sub {
+                queue_id,
+                resub: false,
+            },
             Command::Key(_) => Pending::Key { queue_id },
             _ => Pending::Ack { queue_id },
         };
@@ -865,26 +1368,29 @@ impl<M: Mailbox> Pool<M> {
                 };
                 self.reply(token, reply);
             }
-            Pending::Sub { queue_id } => match result {
-                Ok(Response::Msg { msg_id, body }) => {
-                    self.subscribed(key, &queue_id);
-                    let rcv_id = self.queues.get(&queue_id).map(|q| q.rcv_id.clone());
-                    if let Some(rcv_id) = rcv_id {
-                        self.on_msg(now, rng, key, &rcv_id, &msg_id, &body);
+            Pending::Sub { queue_id, resub } => {
+                if resub && let Some(s) = self.servers.get_mut(key) {
+                    s.resub_in_flight = s.resub_in_flight.saturating_sub(1);
+                    if matches!(
+                        result,
+                        Err(CommandError::Timeout | CommandError::InvalidResponse(_))
+                    ) {
+                        s.resub_failed = true;
                     }
                 }
-                Ok(_) => self.subscribed(key, &queue_id),
-                Err(CommandError::Server(ErrorType::Auth)) => {
-                    // The queue no longer exists on the server (or its keys are not ours).
-                    let reason = Some("SUB: ERR AUTH (queue no longer on the server)".to_owned());
-                    self.set_queue_subscription(&queue_id, Subscription::Gone, reason);
+                self.on_sub(now, rng, key, &queue_id, result);
+                if resub {
+                    self.resub_round(now, rng, key);
                 }
-                Err(e) => {
-                    if let Some(q) = self.queues.get_mut(&queue_id) {
-                        q.last_error = Some(format!("SUB: {e}"));
+            }
+            Pending::Ping => {
+                if let Some(s) = self.servers.get_mut(key) {
+                    s.ping = None;
+                    if matches!(result, Ok(Response::Pong)) {
+                        s.missed_pongs = 0;
                     }
                 }
-            },
+            }
             Pending::Ack { queue_id } => match result {
                 // The server may answer an ACK with the next message.
                 Ok(Response::Msg { msg_id, body }) => {
@@ -914,6 +1420,36 @@ impl<M: Mailbox> Pool<M> {
             },
             Pending::SKey { dest } => self.on_skey(now, rng, &dest, result),
             Pending::Send { dest, seq } => self.on_send(now, rng, &dest, seq, result),
+        }
+    }
+
+    fn on_sub<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+        key: &ServerKey,
+        queue_id: &str,
+        result: Result<Response, CommandError>,
+    ) {
+        match result {
+            Ok(Response::Msg { msg_id, body }) => {
+                self.subscribed(key, queue_id);
+                let rcv_id = self.queues.get(queue_id).map(|q| q.rcv_id.clone());
+                if let Some(rcv_id) = rcv_id {
+                    self.on_msg(now, rng, key, &rcv_id, &msg_id, &body);
+                }
+            }
+            Ok(_) => self.subscribed(key, queue_id),
+            Err(CommandError::Server(ErrorType::Auth)) => {
+                // The queue no longer exists on the server (or its keys are not ours).
+                let reason = Some("SUB: ERR AUTH (queue no longer on the server)".to_owned());
+                self.set_queue_subscription(queue_id, Subscription::Gone, reason);
+            }
+            Err(e) => {
+                if let Some(q) = self.queues.get_mut(queue_id) {
+                    q.last_error = Some(format!("SUB: {e}"));
+                }
+            }
         }
     }
 
@@ -963,6 +1499,9 @@ impl<M: Mailbox> Pool<M> {
         let info = self.info(&queue_id, &queue);
         tracing::debug!(server = %key, %queue_id, app = %queue.app, "queue created");
         self.queues.insert(queue_id, queue);
+        if let Some(s) = self.servers.get_mut(key) {
+            s.live_queues += 1;
+        }
         Ok(PoolReply::QueueCreated(info))
     }
 
@@ -1135,24 +1674,35 @@ impl<M: Mailbox> Pool<M> {
         self.pump(now, rng, dest);
     }
 
-    /// The connection is gone: fail what waited for it, keep what can be restored later.
-    fn lost(&mut self, now: Instant, key: &ServerKey, reason: String) {
-        tracing::debug!(server = %key, %reason, "connection lost");
+    /// The connection is gone: fail the queue creations and deletions that waited for it,
+    /// put messages back in line, mark subscriptions pending, then back off (or give up).
+    fn lost(&mut self, now: Instant, key: &ServerKey, reason: String, loss: Loss) {
+        tracing::debug!(server = %key, %reason, ?loss, "connection lost");
         let Some(s) = self.servers.get_mut(key) else {
             return;
         };
         s.conn = None;
         s.connect_deadline = None;
         s.last_error = Some(reason.clone());
+        s.ping = None;
+        s.missed_pongs = 0;
+        s.probe = false;
+        s.idle_since = None;
+        s.retry_at = None;
+        s.resub_queue.clear();
+        s.resub_in_flight = 0;
+        s.resub_failed = false;
+        s.resubscribing = false;
+        s.permanent = loss == Loss::Permanent;
         let commands = std::mem::take(&mut s.commands);
         let deferred = std::mem::take(&mut s.deferred);
         let error = s.error(key);
-        self.set_state(now, key, ConnState::Failed);
-        for pending in commands.into_values() {
-            match pending {
+        for flight in commands.into_values() {
+            match flight.pending {
                 Pending::New(keys) => self.reply(keys.token, Err(error.clone())),
                 Pending::Del { token, .. } => self.reply(token, Err(error.clone())),
                 Pending::Sub { .. }
+                | Pending::Ping
                 | Pending::Ack { .. }
                 | Pending::Key { .. }
                 | Pending::SKey { .. }
@@ -1176,7 +1726,10 @@ impl<M: Mailbox> Pool<M> {
             if let Some(s) = self.senders.get_mut(dest) {
                 s.reset_after_loss();
             }
-            self.fail_outbox(dest, &error);
+            // Messages wait for the reconnect, unless there will be none by itself.
+            if loss == Loss::Permanent {
+                self.fail_outbox(dest, &error);
+            }
         }
         let subscribed: Vec<String> = self
             .queues
@@ -1188,6 +1741,16 @@ impl<M: Mailbox> Pool<M> {
             let reason = Some(format!("connection lost: {reason}"));
             self.set_queue_subscription(&queue_id, Subscription::Pending, reason);
         }
+        let state = if loss == Loss::Permanent {
+            ConnState::Lost
+        } else if self.needs_connection(key) {
+            // The delay is drawn by the next `handle_timeout` (this call has no RNG);
+            // `poll_timeout` asks for it at once.
+            ConnState::BackingOff
+        } else {
+            ConnState::Failed
+        };
+        self.set_state(now, key, state);
     }
 
     // ---- bookkeeping ----
@@ -1211,7 +1774,12 @@ impl<M: Mailbox> Pool<M> {
     }
 
     fn forget(&mut self, queue_id: &str) {
-        self.queues.remove(queue_id);
+        if let Some(q) = self.queues.remove(queue_id)
+            && live(q.subscription)
+            && let Some(s) = self.servers.get_mut(&q.server)
+        {
+            s.live_queues = s.live_queues.saturating_sub(1);
+        }
         self.mailbox.remove_queue(queue_id);
     }
 
@@ -1248,6 +1816,15 @@ impl<M: Mailbox> Pool<M> {
             q.last_error = reason;
         }
         if q.subscription != subscription {
+            if live(q.subscription) != live(subscription)
+                && let Some(s) = self.servers.get_mut(&q.server)
+            {
+                if live(subscription) {
+                    s.live_queues += 1;
+                } else {
+                    s.live_queues = s.live_queues.saturating_sub(1);
+                }
+            }
             q.subscription = subscription;
             self.actions
                 .push_back(Action::Event(PoolEvent::SubscriptionChanged {
@@ -1289,12 +1866,18 @@ fn command_on<R: RngCore + CryptoRng>(
     command: &Command,
     auth: Option<&QueueAuthKey>,
     pending: Pending,
-) -> Result<(), String> {
+) -> Result<CorrId, String> {
     let s = servers.get_mut(key).ok_or("server forgotten")?;
     let conn = s.conn.as_mut().ok_or("not connected")?;
     let corr_id = conn
         .send_command(now, rng, entity_id, command, auth)
         .map_err(|e| e.to_string())?;
-    s.commands.insert(corr_id, pending);
-    Ok(())
+    s.commands.insert(
+        corr_id,
+        Flight {
+            pending,
+            sent: now,
+        },
+    );
+    Ok(corr_id)
 }

@@ -164,4 +164,13 @@ pub enum PoolEvent {
         /// Its new state.
         state: crate::server::ConnState,
     },
+    /// The pool will connect to a server again by itself after `delay`.
+    Reconnecting {
+        /// The server.
+        server: ServerKey,
+        /// The backoff delay (jitter included).
+        delay: std::time::Duration,
+        /// Which retry this is since the last success, from 1.
+        attempt: u32,
+    },
 }

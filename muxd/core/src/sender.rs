@@ -69,6 +69,8 @@ pub(crate) struct OutMsg {
     pub(crate) body: Vec<u8>,
     pub(crate) state: OutState,
     pub(crate) retries: u32,
+    /// When the app asked; bounds the wait with [`crate::PoolConfig::send_timeout`].
+    pub(crate) queued_at: Instant,
 }
 
 /// Sender state for one destination queue, shared by every app that sends to it: the queue
@@ -177,8 +179,10 @@ impl SndQueue {
         self.outbox.iter().position(|m| m.seq == seq)
     }
 
-    /// Forgets everything in flight after the connection died: the messages themselves are
-    /// failed by the caller, and what may have reached the server is re-checked next time.
+    /// Forgets everything in flight after the connection died. The messages go back to the
+    /// queue, in their order, to be sent again on the next connection: one whose OK was lost
+    /// may reach the recipient twice, none is lost. What may have reached the server
+    /// (SKEY, the confirmation) is re-checked next time.
     pub(crate) fn reset_after_loss(&mut self) {
         let confirmation_in_flight = self
             .outbox
@@ -190,6 +194,9 @@ impl SndQueue {
         if self.secured == Secured::InFlight {
             // SKEY with the same key is idempotent, so it is simply sent again.
             self.secured = Secured::No;
+        }
+        for m in &mut self.outbox {
+            m.state = OutState::Queued;
         }
         self.cautious = false;
         self.retry_at = None;

@@ -2,12 +2,15 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use muxd_profile_core::{Backoff, LagHistory, LagSummary};
 
 use muxd_smp::address::SmpServer;
 use muxd_smp::cert::{CertPublicKey, KeyHash};
 use muxd_smp::connection::{Connection, CorrId};
 
+use crate::config::ServerPolicy;
 use crate::error::PoolError;
 use crate::request::RequestToken;
 
@@ -98,13 +101,21 @@ pub enum ConnState {
     Handshaking,
     /// Commands flow.
     Up,
-    /// The last attempt or connection failed; see the last error. A later request that
-    /// needs the server connects again.
+    /// The last attempt or connection failed and nothing needs the server now; see the last
+    /// error. A later request that needs the server connects again.
     Failed,
+    /// The connection failed while queues or messages need it: the pool waits out its
+    /// backoff delay, then connects again by itself.
+    BackingOff,
+    /// The pool gave up: the backoff ran out of attempts, or the server's identity did not
+    /// match its address. No more tries until [`crate::Pool::reconnect`] or
+    /// [`crate::Pool::handle_network_change`].
+    Lost,
 }
 
 impl ConnState {
-    /// `"idle"`, `"connecting"`, `"handshaking"`, `"up"` or `"failed"`.
+    /// `"idle"`, `"connecting"`, `"handshaking"`, `"up"`, `"failed"`, `"backing-off"` or
+    /// `"lost"`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Idle => "idle",
@@ -112,6 +123,8 @@ impl ConnState {
             Self::Handshaking => "handshaking",
             Self::Up => "up",
             Self::Failed => "failed",
+            Self::BackingOff => "backing-off",
+            Self::Lost => "lost",
         }
     }
 }
@@ -132,6 +145,14 @@ pub struct ServerStatus {
     /// Queues routed through this connection: the apps' own queues on this server plus the
     /// queues they send to.
     pub queues: usize,
+    /// Failed attempts since the last success (handshake and resubscription done).
+    pub attempt: u32,
+    /// When the pool connects again by itself, while backing off.
+    pub next_retry_at: Option<Instant>,
+    /// Messages waiting for this server or in flight to it.
+    pub pending_sends: usize,
+    /// Round-trip statistics over the server's lag history (every source).
+    pub lag: Option<LagSummary>,
 }
 
 /// What the transport learned while connecting that the SMP handshake needs.
@@ -160,13 +181,22 @@ pub(crate) enum Deferred {
     },
 }
 
+/// A command in flight: what it was for and when it was sent (for the lag history).
+#[derive(Debug)]
+pub(crate) struct Flight {
+    pub(crate) pending: Pending,
+    pub(crate) sent: Instant,
+}
+
 /// What a command in flight was for, so its response can be routed.
 #[derive(Debug)]
 pub(crate) enum Pending {
     /// NEW; the keys wait here for IDS.
     New(Box<crate::queue::NewQueueKeys>),
-    /// SUB of a queue.
-    Sub { queue_id: String },
+    /// SUB of a queue; `resub` when it belongs to a (re)subscription round.
+    Sub { queue_id: String, resub: bool },
+    /// A keep-alive or lag PING.
+    Ping,
     /// ACK of a delivered message.
     Ack { queue_id: String },
     /// KEY: the recipient secures its queue with the sender's key.
@@ -197,12 +227,72 @@ pub(crate) struct Server {
     pub(crate) conn: Option<Connection>,
     pub(crate) connect_deadline: Option<Instant>,
     pub(crate) deferred: VecDeque<Deferred>,
-    pub(crate) commands: BTreeMap<CorrId, Pending>,
+    pub(crate) commands: BTreeMap<CorrId, Flight>,
+    pub(crate) policy: ServerPolicy,
+    /// The current reconnect policy: `first_connect` until the first success, then
+    /// `reconnect`.
+    pub(crate) backoff: Backoff,
+    /// A success (handshake and resubscription) happened at least once.
+    pub(crate) ever_ready: bool,
+    /// Backing off: when to connect again; `None` while the delay is still to be drawn
+    /// (the loss was reported through a call without an RNG).
+    pub(crate) retry_at: Option<Instant>,
+    /// The last loss cannot be fixed by retrying (identity mismatch, no common version).
+    pub(crate) permanent: bool,
+    /// Queues still to (re)subscribe on this connection, and SUBs of the round in flight.
+    pub(crate) resub_queue: VecDeque<String>,
+    pub(crate) resub_in_flight: usize,
+    /// A SUB of this connection's resubscription timed out: do not count it as success.
+    pub(crate) resub_failed: bool,
+    /// Resubscription is running (or has not yet confirmed success).
+    pub(crate) resubscribing: bool,
+    pub(crate) lag: LagHistory,
+    /// Last block received (or when the transport came up).
+    pub(crate) last_received: Instant,
+    /// The outstanding PING and its PONG deadline.
+    pub(crate) ping: Option<(CorrId, Instant)>,
+    pub(crate) last_ping: Option<Instant>,
+    pub(crate) missed_pongs: u32,
+    /// PING interval while someone watches this server's lag.
+    pub(crate) lag_watch: Option<Duration>,
+    /// A liveness probe was asked for (network change).
+    pub(crate) probe: bool,
+    /// Apps' queues on this server that are subscribed or waiting to be.
+    pub(crate) live_queues: usize,
+    /// Since when the connection has had nothing to do.
+    pub(crate) idle_since: Option<Instant>,
 }
 
 impl Server {
-    pub(crate) fn new(now: Instant, server: &SmpServer, key_hash: KeyHash) -> Self {
+    pub(crate) fn new(
+        now: Instant,
+        server: &SmpServer,
+        key_hash: KeyHash,
+        policy: ServerPolicy,
+    ) -> Self {
+        let backoff = Backoff::new(policy.first_connect.clone()).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "invalid first-connect backoff; using the default");
+            Backoff::default()
+        });
         Self {
+            backoff,
+            ever_ready: false,
+            retry_at: None,
+            permanent: false,
+            resub_queue: VecDeque::new(),
+            resub_in_flight: 0,
+            resub_failed: false,
+            resubscribing: false,
+            lag: LagHistory::with_capacity(policy.lag_history),
+            last_received: now,
+            ping: None,
+            last_ping: None,
+            missed_pongs: 0,
+            lag_watch: None,
+            probe: false,
+            live_queues: 0,
+            idle_since: None,
+            policy,
             host: dial_host(server).to_owned(),
             port: server.port_or_default(),
             key_hash,
@@ -220,6 +310,34 @@ impl Server {
         if self.state != state {
             self.state = state;
             self.since = now;
+        }
+    }
+
+    /// Success: the handshake is done and every queue is subscribed again. From now on
+    /// losses follow the reconnect policy, starting from its first delay.
+    pub(crate) fn ready(&mut self) {
+        if !self.ever_ready {
+            self.ever_ready = true;
+            self.backoff = Backoff::new(self.policy.reconnect.clone()).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "invalid reconnect backoff; using the default");
+                Backoff::default()
+            });
+        }
+        self.backoff.reset();
+        self.resubscribing = false;
+    }
+
+    /// When the next PING is due on an established connection without one outstanding.
+    pub(crate) fn next_ping(&self) -> Instant {
+        if self.probe || self.missed_pongs > 0 {
+            // Right away: `since` is in the past.
+            return self.since.min(self.last_received);
+        }
+        let idle = self.last_received + self.policy.ping_idle;
+        match (self.lag_watch, self.last_ping) {
+            (Some(every), Some(last)) => idle.min(last + every),
+            (Some(_), None) => self.last_received,
+            (None, _) => idle,
         }
     }
 

@@ -264,7 +264,9 @@ fn redelivered_message_is_stored_once() {
     net.break_link("connection reset by peer");
     net.server.ignore_acks = false;
 
-    // The next send reconnects; the re-SUB makes the server deliver "x" again.
+    // The pool reconnects by itself after its first backoff delay (at most 500 ms); the
+    // re-SUB makes the server deliver "x" again.
+    net.advance(Duration::from_millis(500));
     let token = net.send("bob", &uri, b"y");
     sent(&net, token);
     assert_eq!(net.connects, 2);
@@ -361,21 +363,16 @@ fn quota_marker_is_acked_and_not_shown() {
     // Reconnect so the server re-delivers, this time with working ACKs.
     net.server.ignore_acks = false;
     net.break_link("reset");
-    let d = net.request(
-        "alice",
-        PoolRequest::CreateQueue {
-            server: net.server.address(),
-            websocket: false,
-        },
-    );
-    assert!(net.reply(d).is_ok());
-    assert!(
-        matches!(net.reply(c), Err(PoolError::Upstream { .. })),
-        "failed with the link"
-    );
+    assert!(!net.replies.contains_key(&c), "c waits through the loss");
+    net.advance(Duration::from_millis(500));
+    assert_eq!(net.connects, 2, "reconnected by itself");
+    // c went out again right after the reconnect, raced the ACKs and met the full queue
+    // once more; the quota retry delivers it.
+    net.advance(Duration::from_secs(301));
+    sent(&net, c);
     assert_eq!(
         bodies(&net, "alice", &queue_id),
-        [b"a".to_vec(), b"b".to_vec()]
+        [b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]
     );
     let rcv_id = Net::rcv_id(&queue_id);
     assert!(
@@ -385,11 +382,11 @@ fn quota_marker_is_acked_and_not_shown() {
 }
 
 #[test]
-fn disconnect_fails_pending_requests_and_reconnect_resubscribes() {
+fn disconnect_fails_creates_keeps_sends_and_reconnects_by_itself() {
     let mut net = Net::new(18, 14);
     let (queue_id, uri) = net.create_queue("alice");
     net.server.stalled = true;
-    let send = net.send("bob", &uri, b"lost");
+    let send = net.send("bob", &uri, b"waits");
     let create = net.request(
         "carol",
         PoolRequest::CreateQueue {
@@ -398,15 +395,24 @@ fn disconnect_fails_pending_requests_and_reconnect_resubscribes() {
         },
     );
     assert!(!net.replies.contains_key(&send) && !net.replies.contains_key(&create));
+    let events_before = net.events.len();
     net.break_link("connection reset by peer");
 
-    for t in [send, create] {
-        let reason = upstream_reason(net.reply(t));
-        assert!(reason.contains("connection reset by peer"), "{reason}");
-    }
+    let reason = upstream_reason(net.reply(create));
+    assert!(reason.contains("connection reset by peer"), "{reason}");
+    assert!(!net.replies.contains_key(&send), "a send waits for the reconnect");
+    // The backoff delay is drawn at the next timer call (the loss report carries no RNG).
+    net.advance(Duration::ZERO);
     let status = net.pool.status();
     assert_eq!(status.len(), 1);
-    assert_eq!(status[0].state, ConnState::Failed);
+    assert_eq!(status[0].state, ConnState::BackingOff);
+    assert_eq!(status[0].pending_sends, 1);
+    assert_eq!(status[0].attempt, 1);
+    let retry_in = status[0].next_retry_at.unwrap() - net.now;
+    assert!(
+        retry_in >= Duration::from_millis(250) && retry_in <= Duration::from_millis(500),
+        "{retry_in:?}"
+    );
     assert_eq!(
         status[0].last_error.as_deref(),
         Some("connection reset by peer")
@@ -420,14 +426,10 @@ fn disconnect_fails_pending_requests_and_reconnect_resubscribes() {
             .contains("connection reset by peer")
     );
 
-    // No reconnection by itself.
+    // After the backoff delay the pool reconnects, resubscribes and sends what waited.
     net.server.stalled = false;
-    net.advance(Duration::from_secs(600));
-    assert_eq!(net.connects, 1);
-
-    // The next request reconnects; the queue is subscribed again and receives.
-    let again = net.send("bob", &uri, b"after");
-    sent(&net, again);
+    net.advance(Duration::from_millis(500));
+    sent(&net, send);
     assert_eq!(net.connects, 2);
     assert_eq!(
         net.server
@@ -437,16 +439,41 @@ fn disconnect_fails_pending_requests_and_reconnect_resubscribes() {
             .count(),
         1
     );
-    assert_eq!(net.pool.status()[0].state, ConnState::Up);
+    let status = net.pool.status();
+    assert_eq!(status[0].state, ConnState::Up);
+    assert_eq!(status[0].attempt, 0, "reset after resubscription");
+    assert_eq!(status[0].pending_sends, 0);
     assert_eq!(
         net.pool.queues("alice")[0].subscription,
         Subscription::Subscribed
     );
-    assert_eq!(bodies(&net, "alice", &queue_id), [b"after".to_vec()]);
+    assert_eq!(bodies(&net, "alice", &queue_id), [b"waits".to_vec()]);
+    // Every transition was an event, in order.
+    let states: Vec<ConnState> = net.events[events_before..]
+        .iter()
+        .filter_map(|e| match e {
+            PoolEvent::ServerChanged { state, .. } => Some(*state),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ConnState::BackingOff,
+            ConnState::Connecting,
+            ConnState::Handshaking,
+            ConnState::Up
+        ]
+    );
+    assert!(
+        net.events[events_before..]
+            .iter()
+            .any(|e| matches!(e, PoolEvent::Reconnecting { attempt: 1, .. }))
+    );
 }
 
 #[test]
-fn identity_mismatch_fails_clearly() {
+fn identity_mismatch_is_lost_at_once_without_retrying() {
     // Caught by the transport's certificate pinning.
     let mut net = Net::new(18, 15);
     let expected = net.server.key_hash().to_string();
@@ -462,7 +489,7 @@ fn identity_mismatch_fails_clearly() {
     );
     assert!(upstream_reason(net.reply(t)).contains(&format!("expected keyHash {expected}")));
     let status = net.pool.status();
-    assert_eq!(status[0].state, ConnState::Failed);
+    assert_eq!(status[0].state, ConnState::Lost);
     assert!(
         status[0]
             .last_error
@@ -470,10 +497,8 @@ fn identity_mismatch_fails_clearly() {
             .unwrap()
             .starts_with("server identity mismatch")
     );
-
-    // Caught by the SMP handshake (ServerHello's certificate chain).
-    net.refuse_connect = None;
-    net.server.wrong_identity = true;
+    // No retry loop, and new requests fail at once.
+    net.advance(Duration::from_secs(3600));
     let t = net.request(
         "alice",
         PoolRequest::CreateQueue {
@@ -481,19 +506,38 @@ fn identity_mismatch_fails_clearly() {
             websocket: false,
         },
     );
-    let reason = upstream_reason(net.reply(t));
+    assert!(upstream_reason(net.reply(t)).contains("server lost"));
+    assert_eq!(net.connects, 1);
+
+    // Caught by the SMP handshake (ServerHello's certificate chain), after an explicit
+    // reconnect request.
+    net.refuse_connect = None;
+    net.server.wrong_identity = true;
+    assert_eq!(net.pool.reconnect(net.now, None), 1);
+    net.run();
+    assert_eq!(net.connects, 2);
+    assert_eq!(
+        net.disconnects, 1,
+        "the pool closed the transport it rejected"
+    );
+    let status = net.pool.status();
+    assert_eq!(status[0].state, ConnState::Lost);
+    let reason = status[0].last_error.clone().unwrap();
     assert!(
         reason.contains(&format!(
             "server identity mismatch: expected keyHash {expected}"
         )),
         "{reason}"
     );
-    assert_eq!(net.connects, 2, "each request tried again");
-    assert_eq!(
-        net.disconnects, 1,
-        "the pool closed the transport it rejected"
-    );
-    assert_eq!(net.pool.status()[0].state, ConnState::Failed);
+    net.advance(Duration::from_secs(3600));
+    assert_eq!(net.connects, 2);
+
+    // The right server again: a reconnect request brings it back.
+    net.server.wrong_identity = false;
+    net.pool.reconnect(net.now, None);
+    net.run();
+    assert_eq!(net.pool.status()[0].state, ConnState::Up);
+    net.create_queue("alice");
 }
 
 #[test]

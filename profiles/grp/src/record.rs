@@ -64,7 +64,7 @@ impl RecordLayer {
         // The rekey before record k happens when k is sealed, so skipping records 0..n
         // performs the rekeys for every boundary k < n.
         while self.send_n < n {
-            if self.send_n > 0 && self.send_n % REKEY_EVERY == 0 {
+            if rekey_before(self.send_n) {
                 self.state.rekey_outgoing();
             }
             self.send_n += 1;
@@ -74,7 +74,7 @@ impl RecordLayer {
     /// Moves the receiving counter to `n` (see [`Self::skip_to`]).
     pub fn skip_received_to(&mut self, n: u64) {
         while self.recv_n < n {
-            if self.recv_n > 0 && self.recv_n % REKEY_EVERY == 0 {
+            if rekey_before(self.recv_n) {
                 self.state.rekey_incoming();
             }
             self.recv_n += 1;
@@ -105,7 +105,7 @@ impl RecordLayer {
             return Err(RecordError::Limit);
         }
         let n = self.send_n;
-        if n > 0 && n % REKEY_EVERY == 0 {
+        if rekey_before(n) {
             self.state.rekey_outgoing();
         }
         let mut out = vec![0u8; RECORD];
@@ -127,7 +127,7 @@ impl RecordLayer {
             return Err(RecordError::Limit);
         }
         let n = self.recv_n;
-        if n > 0 && n % REKEY_EVERY == 0 {
+        if rekey_before(n) {
             self.state.rekey_incoming();
         }
         // The counter advances even on failure: the session is dead then anyway, and a retry
@@ -141,6 +141,11 @@ impl RecordLayer {
         out.truncate(len);
         Ok(out)
     }
+}
+
+/// §6.3: the key changes before record `n` when `n > 0` and `n mod 1024 = 0`.
+fn rekey_before(n: u64) -> bool {
+    n > 0 && n.is_multiple_of(REKEY_EVERY)
 }
 
 impl fmt::Debug for RecordLayer {

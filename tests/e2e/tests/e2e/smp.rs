@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -14,6 +15,12 @@ const MESSAGES: usize = 1000;
 
 /// Requests one client keeps in flight: enough to keep the pool's send window full.
 const SEND_WINDOW: usize = 64;
+
+/// Messages a sender lets the recipient fall behind by. The relay holds at most 128 (its
+/// default quota) per queue and answers more with `ERR QUOTA`, after which a sender waits
+/// minutes (spec: 5 min) before trying again; real apps pace on the peer's receipts the same
+/// way.
+const MAX_UNREAD: usize = 100;
 
 /// How long a whole exchange may take before the test fails (it takes seconds).
 const EXCHANGE_PATIENCE: Duration = Duration::from_secs(120);
@@ -86,12 +93,14 @@ fn muxctl_recv(socket: &Path, app: &str, queue: &Queue, n: usize) -> Vec<String>
         .collect()
 }
 
-/// Sends `prefix-0` … `prefix-(n-1)` to `uri` as `app`, keeping [`SEND_WINDOW`] in flight.
-fn send_all(socket: &Path, app: &str, uri: &str, prefix: &str, n: usize) {
+/// Sends `prefix-0` … `prefix-(n-1)` to `uri` as `app`, keeping [`SEND_WINDOW`] in flight and
+/// at most [`MAX_UNREAD`] ahead of what the recipient has `received`.
+fn send_all(socket: &Path, app: &str, uri: &str, prefix: &str, n: usize, received: &AtomicUsize) {
     let mut client = RawClient::connect(socket);
     client.hello(app);
+    let deadline = Instant::now() + EXCHANGE_PATIENCE;
     let mut in_flight = 0;
-    let mut expect_sent = |client: &mut RawClient| match client.recv() {
+    let expect_sent = |client: &mut RawClient| match client.recv() {
         Ok(ServerMessage::Response(Response {
             reply: Reply::Sent { state, .. },
             ..
@@ -99,9 +108,18 @@ fn send_all(socket: &Path, app: &str, uri: &str, prefix: &str, n: usize) {
         other => panic!("{app}: expected `sent`, got {other:?}"),
     };
     for i in 0..n {
-        while in_flight >= SEND_WINDOW {
-            expect_sent(&mut client);
-            in_flight -= 1;
+        loop {
+            let ahead = i.saturating_sub(received.load(Ordering::Acquire));
+            if in_flight >= SEND_WINDOW || (ahead >= MAX_UNREAD && in_flight > 0) {
+                expect_sent(&mut client);
+                in_flight -= 1;
+            } else if ahead >= MAX_UNREAD {
+                // The recipient stalled (or its thread failed): give up rather than hang.
+                assert!(Instant::now() < deadline, "{app}: the recipient stopped at {i}");
+                std::thread::sleep(Duration::from_millis(1));
+            } else {
+                break;
+            }
         }
         let body = base64::engine::general_purpose::STANDARD.encode(format!("{prefix}-{i}"));
         client
@@ -117,9 +135,15 @@ fn send_all(socket: &Path, app: &str, uri: &str, prefix: &str, n: usize) {
     }
 }
 
-/// Long-polls `queue` as `app` until `n` messages arrived, acknowledging each; the bodies in
-/// arrival order.
-fn recv_all(socket: &Path, app: &str, queue_id: &str, n: usize) -> Vec<String> {
+/// Long-polls `queue` as `app` until `n` messages arrived, acknowledging each and counting
+/// them in `received`; the bodies in arrival order.
+fn recv_all(
+    socket: &Path,
+    app: &str,
+    queue_id: &str,
+    n: usize,
+    received: &AtomicUsize,
+) -> Vec<String> {
     let mut client = RawClient::connect(socket);
     client.hello(app);
     let deadline = Instant::now() + EXCHANGE_PATIENCE;
@@ -163,6 +187,7 @@ fn recv_all(socket: &Path, app: &str, queue_id: &str, n: usize) -> Vec<String> {
                 other => panic!("{app}: ack failed: {other:?}"),
             }
         }
+        received.store(got.len(), Ordering::Release);
     }
     got
 }
@@ -217,11 +242,12 @@ fn exchange(ws: bool) {
     assert_eq!(muxctl_recv(socket, "bob", &bob_q, 1), ["hello bob"]);
 
     let started = Instant::now();
+    let (alice_got, bob_got) = (AtomicUsize::new(0), AtomicUsize::new(0));
     let (got_alice, got_bob) = std::thread::scope(|s| {
-        s.spawn(|| send_all(socket, "bob", &alice_q.uri, "bob", MESSAGES));
-        s.spawn(|| send_all(socket, "alice", &bob_q.uri, "alice", MESSAGES));
-        let alice = s.spawn(|| recv_all(socket, "alice", &alice_q.id, MESSAGES));
-        let bob = s.spawn(|| recv_all(socket, "bob", &bob_q.id, MESSAGES));
+        s.spawn(|| send_all(socket, "bob", &alice_q.uri, "bob", MESSAGES, &alice_got));
+        s.spawn(|| send_all(socket, "alice", &bob_q.uri, "alice", MESSAGES, &bob_got));
+        let alice = s.spawn(|| recv_all(socket, "alice", &alice_q.id, MESSAGES, &alice_got));
+        let bob = s.spawn(|| recv_all(socket, "bob", &bob_q.id, MESSAGES, &bob_got));
         (alice.join().unwrap(), bob.join().unwrap())
     });
     eprintln!(
