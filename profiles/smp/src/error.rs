@@ -717,6 +717,58 @@ mod tests {
         assert!(p.end().is_err());
     }
 
+    /// `PROXY PROTOCOL ` repeated `depth` times around `AUTH`.
+    fn nested(depth: usize) -> Vec<u8> {
+        let mut wire = b"PROXY PROTOCOL ".repeat(depth);
+        wire.extend_from_slice(b"AUTH");
+        wire
+    }
+
+    #[test]
+    fn hostile_proxy_nesting_is_rejected() {
+        // As much nesting as one block can carry (~1090 levels): before the depth limit this
+        // recursed once per level in parse, Display, Debug and Drop.
+        let wire = nested((16382 - 8) / 15);
+        // A small stack proves the parser no longer recurses per level.
+        let r = std::thread::Builder::new()
+            .stack_size(128 * 1024)
+            .spawn(move || ErrorType::parse(&mut Parser::new(&wire)))
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(r, Err(DecodeError::Invalid("nested PROXY error")));
+        // The same through the response decoder.
+        let mut resp = b"ERR ".to_vec();
+        resp.extend_from_slice(&nested(1000));
+        assert!(crate::command::Response::decode(18, &resp).is_err());
+    }
+
+    #[test]
+    fn only_a_single_proxy_wrap_is_accepted() {
+        let start = std::time::Instant::now();
+        for depth in 0..2000 {
+            let wire = nested(depth);
+            let r = ErrorType::parse(&mut Parser::new(&wire));
+            match depth {
+                0 => assert_eq!(r, Ok(ErrorType::Auth)),
+                1 => assert_eq!(
+                    r,
+                    Ok(ErrorType::Proxy(ProxyError::Protocol(Box::new(
+                        ErrorType::Auth
+                    ))))
+                ),
+                _ => assert_eq!(r, Err(DecodeError::Invalid("nested PROXY error")), "{depth}"),
+            }
+            // Any other PROXY error inside PROTOCOL is refused as well.
+            let mut other = b"PROXY PROTOCOL ".repeat(depth.min(3));
+            other.extend_from_slice(b"PROXY NO_SESSION");
+            let r = ErrorType::parse(&mut Parser::new(&other));
+            assert_eq!(r.is_ok(), depth == 0, "{depth}");
+        }
+        // ~4 MB of input in total; without per-level work this takes milliseconds.
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+    }
+
     #[test]
     fn classification() {
         assert_eq!(ErrorType::Auth.reconnect(), ReconnectAction::GiveUp);
