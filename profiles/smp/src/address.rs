@@ -535,10 +535,72 @@ mod tests {
     }
 
     #[test]
+    fn queue_uri_never_carries_basic_auth() {
+        let mut q: QueueUri = QUEUE.parse().unwrap();
+        q.server.basic_auth = Some("hunter2".into());
+        let s = q.to_string();
+        assert!(!s.contains("hunter2"), "{s}");
+        assert_eq!(s, QUEUE);
+        let with_auth = QUEUE.replacen("1234-w==@", "1234-w==:hunter2@", 1);
+        assert_eq!(
+            with_auth.parse::<QueueUri>(),
+            Err(AddressError::BasicAuthInLink)
+        );
+        let link = LINK.replacen("1234-w%3D%3D%40", "1234-w%3D%3D%3Ahunter2%40", 1);
+        assert_ne!(link, LINK);
+        assert_eq!(
+            link.parse::<ConnectionLink>(),
+            Err(AddressError::BasicAuthInLink)
+        );
+        let shown = ConnectionLink {
+            kind: LinkKind::Contact,
+            agent_versions: VersionRange { min: 2, max: 7 },
+            queues: vec![q],
+            e2e: None,
+            data: None,
+        }
+        .to_string();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        // A server address in the user's configuration keeps its password.
+        let cfg: SmpServer = "smp://AAAA:hunter2@host".parse().unwrap();
+        assert_eq!(cfg.to_string(), "smp://AAAA:hunter2@host");
+    }
+
+    #[test]
+    fn hosts_and_ports_are_strict() {
+        for bad in [
+            "smp://AAAA@a:1,b",
+            "smp://AAAA@a:1,b:2",
+            "smp://AAAA@a]b",
+            "smp://AAAA@[::1",
+            "smp://AAAA@::1]:5",
+            "smp://AAAA@[]",
+            "smp://AAAA@[a:b:zz]",
+            "smp://AAAA@host:+5",
+        ] {
+            assert!(bad.parse::<SmpServer>().is_err(), "{bad}");
+        }
+        for (good, hosts, port) in [
+            ("smp://AAAA@a,b:2", &["a", "b"][..], Some(2)),
+            ("smp://AAAA@[::1]:443", &["[::1]"][..], Some(443)),
+            ("smp://AAAA@::1", &["::1"][..], None),
+            ("smp://AAAA@fe80::1:2", &["fe80::1:2"][..], None),
+            ("smp://AAAA@a.b_c-d,1.2.3.4", &["a.b_c-d", "1.2.3.4"][..], None),
+        ] {
+            let s: SmpServer = good.parse().unwrap();
+            assert_eq!((s.hosts.as_slice(), s.port), (hosts, port), "{good}");
+        }
+    }
+
+    #[test]
     fn escaping() {
         assert_eq!(url_escape("a=b&c/d~_.-"), "a%3Db%26c%2Fd~_.-");
         assert_eq!(url_unescape("a%3Db%26c%2Fd").unwrap(), "a=b&c/d");
+        assert_eq!(url_unescape("%3d%3D").unwrap(), "==");
         assert!(url_unescape("%4").is_err());
         assert!(url_unescape("%zz").is_err());
+        assert!(url_unescape("%+1").is_err());
+        assert!(url_unescape("%-1").is_err());
+        assert!(url_unescape("% 1").is_err());
     }
 }

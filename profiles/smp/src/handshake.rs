@@ -786,6 +786,44 @@ mod tests {
     }
 
     #[test]
+    fn dropped_cert_key_sends_no_client_key() {
+        // A v18 server whose certKey does not parse: it is treated as absent, so the client
+        // has no server session key. Were the client key still sent, the server would switch
+        // to encrypted blocks while the client stays plain.
+        let server = FakeServer::new();
+        let leaf = server.leaf_key();
+        let ck = X25519SecretKey::from_bytes(seq(0xe0));
+        let mut garbled = server.cert_key();
+        garbled.signed_key = vec![0x30, 0x03, 0xde, 0xad, 0x00];
+        let hello = ServerHello {
+            versions: range(6, 18),
+            session_id: seq::<32>(1).to_vec(),
+            cert_key: Some(garbled),
+        };
+        let mut block = Vec::new();
+        encoding::pad(&hello.encode().unwrap(), BLOCK_SIZE, &mut block).unwrap();
+        let (out, s) = client_handshake(&block, &params(&server, &leaf), Some(&ck)).unwrap();
+        assert_eq!(s.version, 18);
+        assert!(s.server_session_key.is_none() && s.block_cipher.is_none());
+        let sent = ClientHello::decode(encoding::unpad(&out).unwrap()).unwrap();
+        assert_eq!(sent.client_key, None);
+    }
+
+    #[test]
+    fn server_hello_block_must_be_exactly_one_block() {
+        let server = FakeServer::new();
+        let block = server.hello_block(range(6, 18), true);
+        assert!(ServerHello::decode_block(&block).is_ok());
+        let mut long = block.clone();
+        long.push(b'#');
+        assert!(ServerHello::decode_block(&long).is_err());
+        assert!(ServerHello::decode_block(&block[..BLOCK_SIZE - 1]).is_err());
+        let content = server.hello_block(range(6, 18), true);
+        let n = usize::from(u16::from_be_bytes([content[0], content[1]]));
+        assert!(ServerHello::decode_block(&content[..2 + n]).is_err());
+    }
+
+    #[test]
     fn handshake_failures() {
         let server = FakeServer::new();
         let leaf = server.leaf_key();
