@@ -14,6 +14,8 @@ use muxd_ipc_proto::{
 };
 use serde::Serialize;
 
+mod top;
+
 /// How long to wait for the daemon's hello before giving up: a live daemon answers at once,
 /// so a long wait means something else holds the socket.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -149,6 +151,12 @@ enum Command {
         #[arg(short = 'c', long, value_name = "N")]
         count: Option<u64>,
     },
+    /// Live dashboard of upstream connections: state and lag sparklines; q quits
+    Top {
+        /// Seconds between refreshes
+        #[arg(short = 'i', long, value_name = "SECONDS", default_value_t = 1.0)]
+        interval: f64,
+    },
     /// Print a shell completion script to standard output
     Completions {
         /// The shell to generate completions for
@@ -240,6 +248,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 interval,
                 count,
             } => lag(client, &mut out, server, watch, interval, count).await,
+            Command::Top { interval } => top::run(client, interval).await,
             Command::Completions { .. } => Ok(()),
         }
     })

@@ -4,11 +4,11 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use muxd_profile_core::{LagHistory, LagSource};
 use muxd_smp::address::{QueueUri, SmpServer, VersionRange};
 use muxd_smp::block::BLOCK_SIZE;
 use muxd_smp::cert::KeyHash;
 use muxd_smp::command::{Command, NewQueue, QueueIds, QueueRequest, Response, SubscriptionMode};
-use muxd_profile_core::{LagHistory, LagSource};
 use muxd_smp::connection::{
     CommandError, Connection, ConnectionError, CorrId, Event, ServerIdentity,
 };
@@ -28,8 +28,7 @@ use crate::request::{
 };
 use crate::sender::{Confirmation, DestKey, OutMsg, OutState, Secured, SendKind, SndQueue};
 use crate::server::{
-    ConnState, Deferred, Flight, Pending, Server, ServerKey, ServerStatus, Transport,
-    TransportInfo,
+    ConnState, Deferred, Flight, Pending, Server, ServerKey, ServerStatus, Transport, TransportInfo,
 };
 
 /// The longest message body an app may send.
@@ -66,7 +65,10 @@ fn permanent_transport_failure(reason: &str) -> bool {
 
 /// Whether a queue in this state needs the server's connection.
 fn live(subscription: Subscription) -> bool {
-    matches!(subscription, Subscription::Subscribed | Subscription::Pending)
+    matches!(
+        subscription,
+        Subscription::Subscribed | Subscription::Pending
+    )
 }
 
 /// The upstream pool (sans-IO): one SMP connection per server carries the queues of every app.
@@ -411,7 +413,12 @@ impl<M: Mailbox> Pool<M> {
     /// Returns how many servers were (re)connected.
     pub fn reconnect(&mut self, now: Instant, server: Option<&ServerKey>) -> usize {
         let keys: Vec<ServerKey> = match server {
-            Some(k) => self.servers.contains_key(k).then(|| k.clone()).into_iter().collect(),
+            Some(k) => self
+                .servers
+                .contains_key(k)
+                .then(|| k.clone())
+                .into_iter()
+                .collect(),
             None => self.servers.keys().cloned().collect(),
         };
         let mut count = 0;
@@ -660,9 +667,9 @@ impl<M: Mailbox> Pool<M> {
             .server_policies
             .iter()
             .find(|(address, _)| {
-                address.parse::<SmpServer>().is_ok_and(|a| {
-                    ServerKey::new(&a, key.transport()).address() == key.address()
-                })
+                address
+                    .parse::<SmpServer>()
+                    .is_ok_and(|a| ServerKey::new(&a, key.transport()).address() == key.address())
             })
             .map_or_else(|| self.config.policy.clone(), |(_, p)| p.clone())
     }
@@ -813,12 +820,7 @@ impl<M: Mailbox> Pool<M> {
 
     /// Backing off: draw the delay (once per failure), then connect when it has passed, or
     /// give up when the policy has no attempts left.
-    fn backoff_step<R: RngCore + CryptoRng>(
-        &mut self,
-        now: Instant,
-        rng: &mut R,
-        key: &ServerKey,
-    ) {
+    fn backoff_step<R: RngCore + CryptoRng>(&mut self, now: Instant, rng: &mut R, key: &ServerKey) {
         let Some(s) = self.servers.get_mut(key) else {
             return;
         };
@@ -856,7 +858,11 @@ impl<M: Mailbox> Pool<M> {
         let Some(s) = self.servers.get_mut(key) else {
             return;
         };
-        let Some(after) = s.policy.idle_disconnect.filter(|_| s.state == ConnState::Up) else {
+        let Some(after) = s
+            .policy
+            .idle_disconnect
+            .filter(|_| s.state == ConnState::Up)
+        else {
             s.idle_since = None;
             return;
         };
@@ -897,10 +903,7 @@ impl<M: Mailbox> Pool<M> {
                 .servers
                 .get(&dest.server)
                 .map_or("unknown", |s| s.state.as_str());
-            let reason = format!(
-                "not sent within {}s (server {state})",
-                timeout.as_secs()
-            );
+            let reason = format!("not sent within {}s (server {state})", timeout.as_secs());
             let error = PoolError::upstream(&dest.server, reason);
             self.fail_message(&dest, seq, error);
         }
@@ -1202,9 +1205,10 @@ impl<M: Mailbox> Pool<M> {
                     Some(e) if e.reconnect() == ReconnectAction::GiveUp => Loss::Permanent,
                     _ => Loss::Transient,
                 };
-                let reason = error
-                    .as_ref()
-                    .map_or_else(|| "connection closed".to_owned(), ConnectionError::to_string);
+                let reason = error.as_ref().map_or_else(
+                    || "connection closed".to_owned(),
+                    ConnectionError::to_string,
+                );
                 self.lost(now, key, reason, loss);
                 self.actions.push_back(Action::Disconnect {
                     server: key.clone(),
@@ -1872,12 +1876,6 @@ fn command_on<R: RngCore + CryptoRng>(
     let corr_id = conn
         .send_command(now, rng, entity_id, command, auth)
         .map_err(|e| e.to_string())?;
-    s.commands.insert(
-        corr_id,
-        Flight {
-            pending,
-            sent: now,
-        },
-    );
+    s.commands.insert(corr_id, Flight { pending, sent: now });
     Ok(corr_id)
 }

@@ -8,7 +8,8 @@ mod support;
 use std::time::Duration;
 
 use muxd_core::{
-    ConnState, MAX_BODY_LEN, PoolConfig, PoolError, PoolEvent, PoolReply, PoolRequest, Subscription,
+    ConnState, Jitter, MAX_BODY_LEN, PoolConfig, PoolError, PoolEvent, PoolReply, PoolRequest,
+    ServerPolicy, Subscription,
 };
 use support::Net;
 
@@ -400,7 +401,10 @@ fn disconnect_fails_creates_keeps_sends_and_reconnects_by_itself() {
 
     let reason = upstream_reason(net.reply(create));
     assert!(reason.contains("connection reset by peer"), "{reason}");
-    assert!(!net.replies.contains_key(&send), "a send waits for the reconnect");
+    assert!(
+        !net.replies.contains_key(&send),
+        "a send waits for the reconnect"
+    );
     // The backoff delay is drawn at the next timer call (the loss report carries no RNG).
     net.advance(Duration::ZERO);
     let status = net.pool.status();
@@ -700,4 +704,43 @@ fn websocket_connection_is_its_own_and_reused_by_senders() {
     assert_eq!(status.len(), 1);
     assert_eq!(status[0].server.transport().as_str(), "websocket");
     assert_eq!(bodies(&net, "alice", &info.queue_id), [b"via ws".to_vec()]);
+}
+
+#[test]
+fn per_server_policy_applies_to_its_server_only() {
+    let mut net = Net::new(18, 23);
+    let mut policy = ServerPolicy::default();
+    // The connection will have been up once, so the reconnect policy applies.
+    policy.reconnect.max_attempts = Some(2);
+    policy.reconnect.jitter = Jitter::None;
+    let mut config = PoolConfig::default();
+    // Written with an explicit port: matched on the normalised address.
+    config
+        .server_policies
+        .insert(format!("{}:5223", net.server.address()), policy);
+    let mut net2 = Net::with_config(18, 23, config);
+    for (net, retries) in [(&mut net, 12), (&mut net2, 2)] {
+        let (_, uri) = net.create_queue("alice");
+        net.refuse_connect = Some("connection refused".to_owned());
+        net.break_link("reset");
+        let t = net.send("bob", &uri, b"x");
+        net.advance(Duration::from_secs(3600));
+        assert!(!net.replies.contains_key(&t), "the send waits");
+        // One connect at first plus one per retry.
+        assert_eq!(net.connects, 1 + retries, "{retries} retries");
+        assert_eq!(net.pool.status()[0].state, ConnState::Lost);
+    }
+    // Without jitter the delays of the 2-attempt policy are exactly 500 ms and 1 s.
+    let lost_events = net2
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            PoolEvent::Reconnecting { delay, attempt, .. } => Some((*attempt, *delay)),
+            _ => None,
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(
+        lost_events,
+        [(1, Duration::from_millis(500)), (2, Duration::from_secs(1))]
+    );
 }

@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use muxd_core::{
-    Action, Pool, PoolConfig, PoolError, PoolEvent, PoolReply, PoolRequest, RequestToken,
+    Action, ConnState, Pool, PoolConfig, PoolError, PoolEvent, PoolReply, PoolRequest, RequestToken,
     ServerStatus,
 };
 use muxd_ipc_proto::{
-    ErrorCode, ErrorFrame, Event, Op, QueueInfo, ReceivedMessage, Reply, Request, Response,
+    ErrorCode, ErrorFrame, Event, LagSummary, Op, QueueInfo, ReceivedMessage, Reply, Request, Response,
     ServerMessage, StatusReport, UpstreamStatus,
 };
 use rand_chacha::ChaCha20Rng;
@@ -540,24 +540,47 @@ impl Hub {
                 .pool
                 .status()
                 .iter()
-                .map(|s| self.upstream_status(s))
+                .map(|s| self.upstream_status(now, s))
                 .collect(),
         }
     }
 
-    fn upstream_status(&self, s: &ServerStatus) -> UpstreamStatus {
+    fn upstream_status(&self, now: Instant, s: &ServerStatus) -> UpstreamStatus {
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         UpstreamStatus {
             server: s.server.address().to_owned(),
             profile: s.profile.to_owned(),
             transport: s.server.transport().as_str().to_owned(),
-            state: s.state.as_str().to_owned(),
+            state: state_name(s.state).to_owned(),
             state_since_unix_ms: self
                 .started_unix_ms
                 .saturating_add(millis(s.since.saturating_duration_since(self.started))),
             last_error: s.last_error.clone(),
             queues: u32::try_from(s.queues).unwrap_or(u32::MAX),
-            ..UpstreamStatus::default()
+            pending: u32::try_from(s.pending_sends).unwrap_or(u32::MAX),
+            attempt: s.attempt,
+            next_retry_ms: s
+                .next_retry_at
+                .map(|t| millis(t.saturating_duration_since(now))),
+            rtt_last_us: s.lag.as_ref().map(|l| micros(l.last_rtt)),
+            lag: s.lag.as_ref().map(|l| LagSummary {
+                count: u32::try_from(l.count).unwrap_or(u32::MAX),
+                min_us: micros(l.min),
+                p50_us: micros(l.p50),
+                p95_us: micros(l.p95),
+                max_us: micros(l.max),
+                mean_us: micros(l.mean),
+                jitter_us: micros(l.jitter),
+            }),
         }
+    }
+}
+
+/// The IPC name of a connection state (`backing_off` on the wire, as `ipc-proto` documents).
+fn state_name(state: ConnState) -> &'static str {
+    match state {
+        ConnState::BackingOff => "backing_off",
+        other => other.as_str(),
     }
 }
 

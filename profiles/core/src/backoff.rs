@@ -72,11 +72,11 @@ impl BackoffConfig {
         if !self.factor.is_finite() || self.factor < 1.0 {
             return Err(BackoffConfigError::InvalidFactor(self.factor));
         }
-        if let Jitter::Multiplicative { min_fraction } = self.jitter {
-            if !(0.0..=1.0).contains(&min_fraction) {
-                // NaN fails `contains` too.
-                return Err(BackoffConfigError::InvalidJitter(min_fraction));
-            }
+        if let Jitter::Multiplicative { min_fraction } = self.jitter
+            // NaN fails `contains` too.
+            && !(0.0..=1.0).contains(&min_fraction)
+        {
+            return Err(BackoffConfigError::InvalidJitter(min_fraction));
         }
         if self.max_attempts == Some(0) {
             return Err(BackoffConfigError::ZeroAttempts);

@@ -25,6 +25,10 @@ pub enum AddressError {
     /// A required part was missing or malformed.
     #[error("invalid {0}")]
     Invalid(&'static str),
+    /// A queue URI or connection link carried a server password: passwords belong only in the
+    /// user's own server configuration, never in links that are shared (§7.1).
+    #[error("queue URI must not contain a server password (basic auth)")]
+    BasicAuthInLink,
 }
 
 /// An SMP server address: `smp://<keyHash>[:<basicAuth>]@<host>[,<host>…][:<port>]`.
@@ -46,9 +50,16 @@ impl SmpServer {
         self.port.unwrap_or(DEFAULT_PORT)
     }
 
-    fn write_with_hosts(&self, f: &mut fmt::Formatter<'_>, hosts: &[String]) -> fmt::Result {
+    /// Writes the authority. `with_auth` is false for queue URIs: a password is part of the
+    /// user's own server configuration only and must never end up in a shared link (§7.1).
+    fn write_with_hosts(
+        &self,
+        f: &mut fmt::Formatter<'_>,
+        hosts: &[String],
+        with_auth: bool,
+    ) -> fmt::Result {
         write!(f, "smp://{}", base64url_encode(&self.key_hash))?;
-        if let Some(a) = &self.basic_auth {
+        if let Some(a) = self.basic_auth.as_ref().filter(|_| with_auth) {
             write!(f, ":{a}")?;
         }
         write!(f, "@{}", hosts.join(","))?;
@@ -102,10 +113,32 @@ impl SmpServer {
     }
 }
 
+/// A domain, IPv4 or onion name, a bracketed IPv6 address, or a bare IPv6 address (at least
+/// two colons). A single colon is a port separator, so `a:1` is not a host: without this,
+/// `a:1,b` would pass as the two hosts `a:1` and `b`.
 fn valid_host(h: &str) -> bool {
+    let ipv6 = |s: &str| {
+        s.matches(':').count() >= 2
+            && s.bytes()
+                .all(|b| b.is_ascii_hexdigit() || b":.".contains(&b))
+    };
+    if let Some(inner) = h.strip_prefix('[') {
+        return inner.strip_suffix(']').is_some_and(ipv6);
+    }
+    if h.contains(':') {
+        return ipv6(h);
+    }
     !h.is_empty()
         && h.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b))
+            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+}
+
+/// A decimal port: digits only (`str::parse` alone would also take a leading `+`).
+fn parse_port(s: &str) -> Result<u16, AddressError> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(AddressError::Invalid("port"));
+    }
+    s.parse::<u16>().map_err(|_| AddressError::Invalid("port"))
 }
 
 /// Splits `hosts[:port]`. A bare IPv6 host (several colons, no brackets) has no port.
@@ -122,9 +155,7 @@ fn split_port(authority: &str) -> Result<(&str, Option<u16>), AddressError> {
         None => Ok((authority, None)),
         Some(i) => {
             let split = authority.len() - last.len() + i;
-            let port = authority[split + 1..]
-                .parse::<u16>()
-                .map_err(|_| AddressError::Invalid("port"))?;
+            let port = parse_port(&authority[split + 1..])?;
             Ok((&authority[..split], Some(port)))
         }
     }
@@ -132,7 +163,7 @@ fn split_port(authority: &str) -> Result<(&str, Option<u16>), AddressError> {
 
 impl fmt::Display for SmpServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.write_with_hosts(f, &self.hosts)
+        self.write_with_hosts(f, &self.hosts, true)
     }
 }
 
@@ -172,12 +203,18 @@ pub fn url_unescape(s: &str) -> Result<String, AddressError> {
     while i < bytes.len() {
         match bytes[i] {
             b'%' => {
-                let hex = bytes
-                    .get(i + 1..i + 3)
-                    .and_then(|h| std::str::from_utf8(h).ok())
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    .ok_or(AddressError::Invalid("percent escape"))?;
-                out.push(hex);
+                // Two hex digits exactly: `from_str_radix` alone would accept `%+1`.
+                let digit = |j: usize| {
+                    bytes
+                        .get(j)
+                        .and_then(|&b| char::from(b).to_digit(16))
+                        .ok_or(AddressError::Invalid("percent escape"))
+                };
+                let (hi, lo) = (digit(i + 1)?, digit(i + 2)?);
+                out.push(
+                    u8::try_from(hi * 16 + lo)
+                        .map_err(|_| AddressError::Invalid("percent escape"))?,
+                );
                 i += 3;
             }
             b'+' => {
@@ -237,7 +274,8 @@ impl FromStr for VersionRange {
 /// A queue URI (§7.2): the server, the sender id and what a sender needs to reach the queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueUri {
-    /// The server (every host, including those given in a legacy `srv=`).
+    /// The server (every host, including those given in a legacy `srv=`). Its `basic_auth`
+    /// is never printed, and parsing refuses a URI that carries one.
     pub server: SmpServer,
     /// The sender id.
     pub sender_id: Vec<u8>,
@@ -257,7 +295,7 @@ impl fmt::Display for QueueUri {
         } else {
             &self.server.hosts[..]
         };
-        self.server.write_with_hosts(f, authority_hosts)?;
+        self.server.write_with_hosts(f, authority_hosts, false)?;
         write!(
             f,
             "/{}#/?v={}&dh={}",
@@ -287,6 +325,9 @@ impl FromStr for QueueUri {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (mut server, rest) = SmpServer::parse_prefix(s)?;
+        if server.basic_auth.is_some() {
+            return Err(AddressError::BasicAuthInLink);
+        }
         let rest = rest
             .strip_prefix('/')
             .ok_or(AddressError::Invalid("queue URI: no sender id"))?;
@@ -585,10 +626,15 @@ mod tests {
             ("smp://AAAA@[::1]:443", &["[::1]"][..], Some(443)),
             ("smp://AAAA@::1", &["::1"][..], None),
             ("smp://AAAA@fe80::1:2", &["fe80::1:2"][..], None),
-            ("smp://AAAA@a.b_c-d,1.2.3.4", &["a.b_c-d", "1.2.3.4"][..], None),
+            (
+                "smp://AAAA@a.b_c-d,1.2.3.4",
+                &["a.b_c-d", "1.2.3.4"][..],
+                None,
+            ),
         ] {
             let s: SmpServer = good.parse().unwrap();
-            assert_eq!((s.hosts.as_slice(), s.port), (hosts, port), "{good}");
+            assert_eq!(s.hosts, hosts, "{good}");
+            assert_eq!(s.port, port, "{good}");
         }
     }
 

@@ -19,6 +19,7 @@ use crate::encoding::{DecodeError, EncodeError};
 use crate::error::{ErrorType, ReconnectAction};
 use crate::handshake::{self, CLIENT_VERSIONS, HandshakeError, HandshakeParams, VersionRange};
 use crate::keys::{X25519PublicKey, X25519SecretKey};
+use crate::proxy::{ForwardError, PendingForward, ProxiedRelay};
 use crate::transmission::{
     Authorized, CORR_ID_LEN, Transmission, TransmissionError, encode_transmission, transmission_len,
 };
@@ -216,6 +217,9 @@ pub enum SendError {
     /// The transmission does not fit in one block.
     #[error("transmission of {0} bytes exceeds one block")]
     TooLarge(usize),
+    /// The command to forward through a proxy could not be built.
+    #[error("cannot forward: {0}")]
+    Forward(#[from] ForwardError),
 }
 
 impl SendError {
@@ -224,7 +228,9 @@ impl SendError {
         match self {
             Self::NotEstablished => ReconnectAction::Retry,
             Self::Closed => ReconnectAction::Rehandshake,
-            Self::Encode(_) | Self::Auth(_) | Self::TooLarge(_) => ReconnectAction::GiveUp,
+            Self::Encode(_) | Self::Auth(_) | Self::TooLarge(_) | Self::Forward(_) => {
+                ReconnectAction::GiveUp
+            }
         }
     }
 }
@@ -284,6 +290,8 @@ enum State {
 struct InFlight {
     /// PINGs sent by the keep-alive are answered internally, not as events.
     keepalive: bool,
+    /// The entity the command was sent for; its answer must carry the same one.
+    entity_id: Vec<u8>,
 }
 
 /// An SMP client connection, driven by the caller (sans-IO).
@@ -521,8 +529,15 @@ impl Connection {
             // Any answer to our PING proves liveness; there is nothing to report.
             return;
         }
+        // As the reference client: an answer about another entity is not this command's
+        // answer (e.g. a MSG for another queue on an ACK's corrId). The command still ends,
+        // as the server will not answer it again. ERR and IDS are exempt, as in `entity_ok`.
         let result = match parsed {
             Ok(Response::Err(e)) => Err(CommandError::Server(e)),
+            Ok(r @ Response::Ids(_)) => Ok(r),
+            Ok(_) if t.entity_id != flight.entity_id.as_slice() => Err(
+                CommandError::InvalidResponse(DecodeError::Invalid("response entity id")),
+            ),
             Ok(r) => Ok(r),
             Err(e) => Err(CommandError::InvalidResponse(e)),
         };
@@ -544,17 +559,64 @@ impl Connection {
         command: &Command,
         auth: Option<&QueueAuthKey>,
     ) -> Result<CorrId, SendError> {
-        let est = match &self.state {
-            State::Established(e) => e,
+        let corr_id = self.fresh_corr_id(rng)?;
+        self.queue_command(now, corr_id, entity_id, command, auth)?;
+        let subscribes = match command {
+            Command::Sub | Command::NSub | Command::Subs | Command::NSubs => true,
+            Command::New(n) => n.sub_mode == SubscriptionMode::Subscribe,
+            _ => false,
+        };
+        self.keepalive |= subscribes;
+        Ok(corr_id)
+    }
+
+    /// Sends `command` for `entity_id` on `relay` through the proxy at the other end of this
+    /// connection (PFWD, §5.5). `relay` comes from the PKEY answering a PRXY sent with
+    /// [`send_command`](Self::send_command). The PRES arrives as an [`Event::Response`] with
+    /// the returned corrId; open it with the returned [`PendingForward`]. Proxy-level
+    /// failures arrive there as `ERR PROXY …`.
+    pub fn send_forwarded<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+        relay: &ProxiedRelay,
+        entity_id: &[u8],
+        command: &Command,
+        auth: Option<&QueueAuthKey>,
+    ) -> Result<(CorrId, PendingForward), SendError> {
+        let corr_id = self.fresh_corr_id(rng)?;
+        let (pfwd, pending) = relay.forward(rng, &corr_id, entity_id, command, auth)?;
+        self.queue_command(now, corr_id, relay.session_id(), &pfwd, None)?;
+        Ok((corr_id, pending))
+    }
+
+    /// A corrId not in flight, once the connection is established.
+    fn fresh_corr_id<R: RngCore + CryptoRng>(&self, rng: &mut R) -> Result<CorrId, SendError> {
+        match &self.state {
+            State::Established(_) => {}
             State::AwaitingServerHello { .. } => return Err(SendError::NotEstablished),
             State::Closed => return Err(SendError::Closed),
-        };
+        }
         // 192 random bits make a collision practically impossible; the loop only guards
         // against a broken RNG handing out the id of a command still in flight.
         let mut corr_id = CorrId::random(rng);
         while self.in_flight.contains_key(&corr_id) {
             corr_id = CorrId::random(rng);
         }
+        Ok(corr_id)
+    }
+
+    fn queue_command(
+        &mut self,
+        now: Instant,
+        corr_id: CorrId,
+        entity_id: &[u8],
+        command: &Command,
+        auth: Option<&QueueAuthKey>,
+    ) -> Result<(), SendError> {
+        let State::Established(est) = &self.state else {
+            return Err(SendError::NotEstablished);
+        };
         let mut cmd = Vec::new();
         command.encode(est.version, &mut cmd)?;
         let authorized = Authorized::new(&est.session_id, corr_id.as_bytes(), entity_id, &cmd)?;
@@ -572,18 +634,26 @@ impl Connection {
         }
         let mut t = Vec::with_capacity(len);
         encode_transmission(est.version, &auth_bytes, &authorized, &mut t)?;
-        self.enqueue(now, corr_id, t, false);
-        let subscribes = match command {
-            Command::Sub | Command::NSub | Command::Subs | Command::NSubs => true,
-            Command::New(n) => n.sub_mode == SubscriptionMode::Subscribe,
-            _ => false,
-        };
-        self.keepalive |= subscribes;
-        Ok(corr_id)
+        self.enqueue(now, corr_id, entity_id, t, false);
+        Ok(())
     }
 
-    fn enqueue(&mut self, now: Instant, corr_id: CorrId, t: Vec<u8>, keepalive: bool) {
-        self.in_flight.insert(corr_id, InFlight { keepalive });
+    fn enqueue(
+        &mut self,
+        now: Instant,
+        corr_id: CorrId,
+        entity_id: &[u8],
+        t: Vec<u8>,
+        keepalive: bool,
+    ) {
+        let entity_id = entity_id.to_vec();
+        self.in_flight.insert(
+            corr_id,
+            InFlight {
+                keepalive,
+                entity_id,
+            },
+        );
         self.deadlines
             .push_back((now + self.config.command_timeout, corr_id));
         self.queued.push_back((corr_id, t));
@@ -756,7 +826,7 @@ impl Connection {
         let authorized = Authorized::new(&est.session_id, corr_id.as_bytes(), b"", &cmd)?;
         let mut t = Vec::new();
         encode_transmission(est.version, b"", &authorized, &mut t)?;
-        self.enqueue(now, corr_id, t, true);
+        self.enqueue(now, corr_id, b"", t, true);
         Ok(())
     }
 }

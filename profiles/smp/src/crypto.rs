@@ -9,11 +9,11 @@
 
 use std::fmt;
 
+use crypto_secretbox::aead::{AeadInPlace as _, KeyInit as _};
+use crypto_secretbox::{Tag, XSalsa20Poly1305};
 use hkdf::Hkdf;
 use salsa20::cipher::consts::U10;
 use sha2::{Digest as _, Sha512};
-use crypto_secretbox::aead::{AeadInPlace as _, KeyInit as _};
-use crypto_secretbox::{Tag, XSalsa20Poly1305};
 use zeroize::{Zeroize as _, Zeroizing};
 
 use crate::block::{BLOCK_SIZE, ENCRYPTED_PADDED_SIZE};

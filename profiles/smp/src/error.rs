@@ -247,7 +247,16 @@ impl ErrorType {
     }
 
     /// Parses an error type; the caller checks that the input ends afterwards.
+    ///
+    /// `PROXY PROTOCOL` wraps the relay's own error exactly once (§5.4), and relays never
+    /// send `PROXY` errors, so a `PROXY` inside `PROXY PROTOCOL` is refused. Without that
+    /// limit one block could nest ~1,000 levels and every recursive walk (parse, Display,
+    /// Debug, Drop) could overflow the stack.
     pub fn parse(p: &mut Parser<'_>) -> Result<Self, DecodeError> {
+        Self::parse_within(p, false)
+    }
+
+    fn parse_within(p: &mut Parser<'_>, in_proxy: bool) -> Result<Self, DecodeError> {
         Ok(match word(p) {
             b"BLOCK" => Self::Block,
             b"SESSION" => Self::Session,
@@ -255,6 +264,7 @@ impl ErrorType {
                 p.space()?;
                 Self::Cmd(CmdError::parse(p)?)
             }
+            b"PROXY" if in_proxy => return Err(DecodeError::Invalid("nested PROXY error")),
             b"PROXY" => {
                 p.space()?;
                 Self::Proxy(ProxyError::parse(p)?)
@@ -364,7 +374,7 @@ impl ProxyError {
         Ok(match word(p) {
             b"PROTOCOL" => {
                 p.space()?;
-                Self::Protocol(Box::new(ErrorType::parse(p)?))
+                Self::Protocol(Box::new(ErrorType::parse_within(p, true)?))
             }
             b"BROKER" => {
                 p.space()?;
@@ -757,7 +767,11 @@ mod tests {
                         ErrorType::Auth
                     ))))
                 ),
-                _ => assert_eq!(r, Err(DecodeError::Invalid("nested PROXY error")), "{depth}"),
+                _ => assert_eq!(
+                    r,
+                    Err(DecodeError::Invalid("nested PROXY error")),
+                    "{depth}"
+                ),
             }
             // Any other PROXY error inside PROTOCOL is refused as well.
             let mut other = b"PROXY PROTOCOL ".repeat(depth.min(3));
@@ -766,7 +780,7 @@ mod tests {
             assert_eq!(r.is_ok(), depth == 0, "{depth}");
         }
         // ~4 MB of input in total; without per-level work this takes milliseconds.
-        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+        assert!(start.elapsed() < Duration::from_secs(5));
     }
 
     #[test]

@@ -186,8 +186,11 @@ impl ServerHello {
         })
     }
 
-    /// Un-pads a 16384-byte handshake block and parses it.
+    /// Un-pads a 16384-byte handshake block and parses it; any other size is refused.
     pub fn decode_block(block: &[u8]) -> Result<Self, DecodeError> {
+        if block.len() != BLOCK_SIZE {
+            return Err(DecodeError::Invalid("handshake block size"));
+        }
         Self::decode(encoding::unpad(block)?)
     }
 
@@ -402,12 +405,14 @@ pub fn client_handshake(
         .transpose()
         .map_err(HandshakeError::BadAuth)?;
 
+    // Send our key only when we hold the server's: the server turns on block encryption at
+    // v11+ as soon as it receives a client key, so sending one after a certKey was dropped
+    // (unparseable, hence absent) would leave the server encrypting and us not.
+    let client_key = client_key.filter(|_| version >= AUTH_CMDS && server_session_key.is_some());
     let client_hello = ClientHello {
         version,
         key_hash: params.key_hash,
-        client_key: client_key
-            .filter(|_| version >= AUTH_CMDS)
-            .map(X25519SecretKey::public_key),
+        client_key: client_key.map(X25519SecretKey::public_key),
         proxy_server: false,
     };
     let block = client_hello.encode_block()?;

@@ -16,5 +16,6 @@ pub mod encoding;
 pub mod error;
 pub mod handshake;
 pub mod keys;
+pub mod proxy;
 pub mod transmission;
 pub mod version;

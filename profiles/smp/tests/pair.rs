@@ -95,6 +95,22 @@ impl FakeServer {
         block
     }
 
+    /// A v7+ ServerHello whose signed key is not valid DER: the client treats the certKey
+    /// as absent.
+    fn server_hello_with_garbled_cert_key(&self) -> Vec<u8> {
+        let hello = ServerHello {
+            versions: VersionRange::new(6, self.max_version).unwrap(),
+            session_id: self.session_id.clone(),
+            cert_key: Some(CertKey {
+                chain: vec![der(LEAF_PEM), der(CA_PEM)],
+                signed_key: vec![0x30, 0x03, 0xde, 0xad, 0x00],
+            }),
+        };
+        let mut block = Vec::new();
+        pad_block(&hello.encode().unwrap(), &mut block).unwrap();
+        block
+    }
+
     fn client_hello(&mut self, block: &[u8]) -> ClientHello {
         let hello = ClientHello::decode(unpad_block(block).unwrap()).unwrap();
         self.version = hello.version;
@@ -443,6 +459,88 @@ fn ack_answered_by_next_msg_and_events_kept_apart() {
             response: Some(Response::Ok)
         }
     );
+}
+
+#[test]
+fn response_for_another_entity_does_not_complete_the_command() {
+    let mut p = Pair::new(18);
+    p.connect();
+    let auth = QueueAuthKey::Ed25519(Ed25519SecretKey::generate(&mut p.rng));
+    let q = [7u8; 24];
+    let other = [8u8; 24];
+    let ack = p.send(&q, &Command::Ack(vec![1; 24]), Some(&auth));
+    let get = p.send(&q, &Command::Get, Some(&auth));
+    let ping = p.send(b"", &Command::Ping, None);
+    let err = p.send(&q, &Command::Get, Some(&auth));
+    p.transmit().unwrap();
+    // A short body so that all four answers share one block.
+    let msg = Response::Msg {
+        msg_id: vec![2; 24],
+        body: vec![1; 100],
+    };
+    // The ACK's corrId on a MSG for another queue, the GET's on an OK for it too, the PING's
+    // PONG on a queue id; an ERR about another entity (ERR may carry any entity).
+    let block = p.server.send(&[
+        (ack.as_bytes(), &other, msg.clone()),
+        (get.as_bytes(), &other, Response::Ok),
+        (ping.as_bytes(), &q, Response::Pong),
+        (err.as_bytes(), &other, Response::Err(ErrorType::Auth)),
+    ]);
+    let ev = p.deliver(&block);
+    assert_eq!(ev.len(), 4, "{ev:?}");
+    for (e, id) in ev.iter().zip([&ack, &get, &ping]) {
+        let (got, result) = response(e);
+        assert_eq!(got, id);
+        assert!(
+            matches!(result, Err(CommandError::InvalidResponse(_))),
+            "{result:?}"
+        );
+    }
+    assert_eq!(
+        response(&ev[3]),
+        (&err, &Err(CommandError::Server(ErrorType::Auth)))
+    );
+    assert_eq!(p.client.in_flight(), 0);
+    // The right answer arriving later is no longer matched to the command.
+    let block = p.server.send(&[(ack.as_bytes(), &q, msg.clone())]);
+    assert_eq!(
+        p.deliver(&block),
+        [Event::Unexpected {
+            corr_id: ack.as_bytes().to_vec(),
+            entity_id: q.to_vec(),
+            response: Some(msg),
+        }]
+    );
+}
+
+#[test]
+fn garbled_cert_key_at_v18_means_plain_blocks_both_ways() {
+    let mut p = Pair::new(18);
+    let hello = p.server.server_hello_with_garbled_cert_key();
+    p.client.handle_input(p.now, &hello);
+    let block = p.transmit().expect("ClientHello");
+    let client_hello = p.server.client_hello(&block);
+    assert_eq!(client_hello.version, 18);
+    assert_eq!(client_hello.client_key, None);
+    assert!(p.server.cipher.is_none());
+    assert_eq!(
+        p.client.poll_event(),
+        Some(Event::Connected {
+            version: 18,
+            block_encryption: false
+        })
+    );
+    assert!(p.client.server_session_key().is_none());
+    // Client → server: a plain padded block the server can read.
+    let id = p.send(b"", &Command::Ping, None);
+    let block = p.transmit().unwrap();
+    assert!(unpad_block(&block).is_ok());
+    assert_eq!(p.server.recv(&block)[0].command, Command::Ping);
+    // Server → client: plain as well.
+    let reply = p.server.send(&[(id.as_bytes(), b"", Response::Pong)]);
+    assert!(unpad_block(&reply).is_ok());
+    let ev = p.deliver(&reply);
+    assert_eq!(response(&ev[0]), (&id, &Ok(Response::Pong)));
 }
 
 #[test]

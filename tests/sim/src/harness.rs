@@ -7,8 +7,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use muxd_core::{
-    Action, Pool, PoolConfig, PoolError, PoolEvent, PoolReply, PoolRequest, RequestToken,
-    ServerKey,
+    Action, Pool, PoolConfig, PoolError, PoolEvent, PoolReply, PoolRequest, RequestToken, ServerKey,
 };
 use rand_chacha::ChaCha20Rng;
 use rand_chacha::rand_core::SeedableRng;

@@ -546,4 +546,3 @@ impl FakeServer {
         self.seen.iter().filter(|s| s.tag == tag).count()
     }
 }
-

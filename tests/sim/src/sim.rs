@@ -11,8 +11,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use muxd_core::{
-    Action, Pool, PoolConfig, PoolError, PoolEvent, PoolReply, PoolRequest, RequestToken,
-    ServerKey,
+    Action, Pool, PoolConfig, PoolError, PoolEvent, PoolReply, PoolRequest, RequestToken, ServerKey,
 };
 use rand_chacha::ChaCha20Rng;
 use rand_chacha::rand_core::SeedableRng;
@@ -90,6 +89,10 @@ pub struct Sim {
     seq: u64,
     links: BTreeMap<ServerKey, Link>,
     attempts: BTreeMap<ServerKey, u64>,
+    /// Connections that lost a block to a blackhole. A byte stream cannot skip a block (and
+    /// the block cipher chain would not let it), so such a connection stays silent for good,
+    /// as a TCP connection whose peer vanished does.
+    stuck: std::collections::BTreeSet<(usize, u64)>,
     next_token: u64,
 }
 
@@ -114,6 +117,7 @@ impl Sim {
             seq: 0,
             links: BTreeMap::new(),
             attempts: BTreeMap::new(),
+            stuck: std::collections::BTreeSet::new(),
             next_token: 1,
         }
     }
@@ -150,7 +154,11 @@ impl Sim {
     }
 
     /// Runs until `token` is answered (at most `limit` of virtual time).
-    pub fn wait_reply(&mut self, token: RequestToken, limit: Duration) -> Result<PoolReply, PoolError> {
+    pub fn wait_reply(
+        &mut self,
+        token: RequestToken,
+        limit: Duration,
+    ) -> Result<PoolReply, PoolError> {
         let end = self.now + limit;
         while !self.replies.contains_key(&token) {
             assert!(self.step(end), "no reply for {token:?} within {limit:?}");
@@ -338,7 +346,10 @@ impl Sim {
                 block,
             } => {
                 let s = &mut self.servers[server];
-                if s.blackholed || !s.fake.is_open(conn) {
+                if s.blackholed {
+                    self.stuck.insert((server, conn));
+                }
+                if self.stuck.contains(&(server, conn)) || !s.fake.is_open(conn) {
                     return;
                 }
                 let out = s.fake.handle_block(conn, &block);
@@ -362,6 +373,9 @@ impl Sim {
                 block,
             } => {
                 if self.servers[server].blackholed {
+                    self.stuck.insert((server, conn));
+                }
+                if self.stuck.contains(&(server, conn)) {
                     return;
                 }
                 let key = self
@@ -377,11 +391,14 @@ impl Sim {
         }
     }
 
-    /// Carries out the pool's actions; apps read and acknowledge what arrived.
-    fn drain(&mut self) {
+    /// Carries out the pool's actions; apps read and acknowledge what arrived. Call it after
+    /// calling the pool directly (`reconnect`, `handle_network_change`).
+    pub fn drain(&mut self) {
         while let Some(action) = self.pool.poll_action() {
             match action {
-                Action::Connect { server: key, host, .. } => {
+                Action::Connect {
+                    server: key, host, ..
+                } => {
                     self.connects.push((self.now, key.clone()));
                     let idx = self
                         .servers

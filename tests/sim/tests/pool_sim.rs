@@ -1,0 +1,553 @@
+//! Virtual-time simulations of the pool: flapping links, dead links, backoff bounds,
+//! resubscription at scale, isolation between servers, random fault sequences.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use muxd_core::{ConnState, LagSource, PoolConfig, PoolEvent, PoolReply, ServerStatus};
+use muxd_sim::sim::Sim;
+use proptest::prelude::*;
+use rand_chacha::ChaCha20Rng;
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+
+const LATENCY: Duration = Duration::from_millis(20);
+const BASE: Duration = Duration::from_millis(500);
+const CAP: Duration = Duration::from_secs(30);
+
+fn status(sim: &Sim, idx: usize) -> ServerStatus {
+    let key = sim.key(idx);
+    sim.pool
+        .status()
+        .into_iter()
+        .find(|s| s.server == key)
+        .unwrap()
+}
+
+/// The bodies in the order they first arrived, and how many arrived more than once.
+fn first_occurrences(received: &[Vec<u8>]) -> (Vec<Vec<u8>>, usize) {
+    let mut seen = BTreeSet::new();
+    let mut order = Vec::new();
+    for b in received {
+        if seen.insert(b.clone()) {
+            order.push(b.clone());
+        }
+    }
+    (order, received.len() - seen.len())
+}
+
+fn body(i: u32) -> Vec<u8> {
+    format!("message {i}").into_bytes()
+}
+
+fn all_sent(sim: &Sim, tokens: &[muxd_core::RequestToken]) -> bool {
+    tokens
+        .iter()
+        .all(|t| matches!(sim.replies.get(t), Some((_, Ok(PoolReply::Sent { .. })))))
+}
+
+/// Sends 150 messages while the link is cut every 0.3–3 s; returns the sim for assertions.
+fn flapping_run(seed: u64) -> (Sim, String, Vec<muxd_core::RequestToken>) {
+    let mut sim = Sim::new(seed, PoolConfig::default());
+    let a = sim.add_server(18, LATENCY);
+    sim.servers[a].fake.quota = 10_000;
+    let (queue_id, uri) = sim.create_queue("alice", a);
+    let mut flaps = ChaCha20Rng::seed_from_u64(seed ^ 0xf1a9);
+    let mut next_cut = sim.now + Duration::from_millis(300 + flaps.next_u64() % 2700);
+    let mut tokens = Vec::new();
+    for i in 0..150u32 {
+        tokens.push(sim.send("bob", &uri, &body(i)));
+        let end = sim.now + Duration::from_millis(100);
+        while next_cut <= end {
+            sim.run_until(next_cut);
+            sim.cut(a, "connection reset by peer");
+            next_cut = sim.now + Duration::from_millis(300 + flaps.next_u64() % 2700);
+        }
+        sim.run_until(end);
+    }
+    // The link settles; everything that waited goes out.
+    assert!(sim.run_while(Duration::from_secs(120), |s| all_sent(s, &tokens)));
+    sim.run_for(Duration::from_secs(5));
+    (sim, queue_id, tokens)
+}
+
+#[test]
+fn flapping_link_delivers_every_message_in_order() {
+    let (sim, queue_id, tokens) = flapping_run(7);
+    let cuts = sim
+        .events
+        .iter()
+        .filter(|(_, e)| {
+            matches!(
+                e,
+                PoolEvent::ServerChanged {
+                    state: ConnState::BackingOff,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert!(cuts >= 4, "the link flapped ({cuts} losses)");
+    assert!(all_sent(&sim, &tokens));
+    // Replies come in submission order (per queue).
+    let mut times: Vec<(Instant, u64)> = tokens.iter().map(|t| (sim.replies[t].0, t.0)).collect();
+    times.sort();
+    let order: Vec<u64> = times.iter().map(|(_, t)| *t).collect();
+    assert_eq!(order, tokens.iter().map(|t| t.0).collect::<Vec<_>>());
+
+    let received = &sim.received[&queue_id];
+    let (order, duplicates) = first_occurrences(received);
+    let want: Vec<Vec<u8>> = (0..150).map(body).collect();
+    assert_eq!(order, want, "every message arrived, in order");
+    // A duplicate is only possible for a SEND the server accepted but whose OK was lost
+    // with the link: it was sent again. There are never more duplicates than resends.
+    let server_sends = sim.servers[0].fake.count("SEND");
+    assert!(
+        duplicates <= server_sends - 150,
+        "{duplicates} duplicates, {server_sends} SENDs"
+    );
+    // The mailbox never shows the same server message twice; the apps read everything.
+    assert!(
+        sim.servers[0]
+            .fake
+            .queues
+            .values()
+            .all(|q| q.msgs.is_empty())
+    );
+}
+
+#[test]
+fn simulations_replay_exactly() {
+    let (one, q1, _) = flapping_run(11);
+    let (two, q2, _) = flapping_run(11);
+    assert_eq!(q1, q2);
+    assert_eq!(one.connects.len(), two.connects.len());
+    let rel = |s: &Sim| -> Vec<Duration> { s.connects.iter().map(|(t, _)| *t - s.start).collect() };
+    assert_eq!(rel(&one), rel(&two));
+    assert_eq!(one.received, two.received);
+}
+
+#[test]
+fn dead_link_is_detected_by_the_pong_deadline() {
+    let mut sim = Sim::new(3, PoolConfig::default());
+    let dead = sim.add_server(18, LATENCY);
+    let live = sim.add_server(18, LATENCY);
+    sim.create_queue("alice", dead);
+    sim.create_queue("alice", live);
+    sim.run_for(Duration::from_secs(1));
+    // Blackholed: no reset, no FIN; the pool is told nothing.
+    let t0 = sim.now;
+    sim.set_blackhole(dead, true);
+    let dead_key = sim.key(dead);
+    assert!(sim.run_while(Duration::from_secs(3600), |s| {
+        s.disconnects.iter().any(|(_, k)| *k == dead_key)
+    }));
+    let (at, _) = *sim
+        .disconnects
+        .iter()
+        .find(|(_, k)| *k == dead_key)
+        .unwrap();
+    let took = at - t0;
+    // Silence since the last block (just before t0): 600 s idle, then two 10 s deadlines.
+    assert!(
+        took >= Duration::from_secs(598) && took <= Duration::from_secs(620),
+        "{took:?}"
+    );
+    let st = status(&sim, dead);
+    assert_eq!(st.state, ConnState::BackingOff);
+    assert!(
+        st.last_error
+            .unwrap()
+            .contains("no PONG within 10s, 2 times")
+    );
+    // The other server answered its PINGs all along and stayed up, with lag samples.
+    let other = status(&sim, live);
+    assert_eq!(other.state, ConnState::Up);
+    let pings = sim
+        .pool
+        .lag(&sim.key(live))
+        .unwrap()
+        .summary_for(LagSource::Ping);
+    assert_eq!(pings.unwrap().min, LATENCY * 2);
+    assert!(!sim.disconnects.iter().any(|(_, k)| *k == sim.key(live)));
+
+    // The path heals: the pool reconnects by itself and resubscribes.
+    sim.set_blackhole(dead, false);
+    assert!(sim.run_while(Duration::from_secs(600), |s| {
+        let st = status(s, dead);
+        st.state == ConnState::Up && st.attempt == 0
+    }));
+    let q = &sim.pool.queues("alice")[0];
+    assert_eq!(q.subscription, muxd_core::Subscription::Subscribed);
+}
+
+/// The un-jittered delay before retry `n` (1-based).
+fn nominal(n: u32) -> Duration {
+    BASE.saturating_mul(1 << (n - 1).min(20)).min(CAP)
+}
+
+/// Backoff delays observed through the connect times after a loss at `lost_at`: the first
+/// retry waits from the loss, each later one from the failure of the previous attempt,
+/// which takes `failure` after its connect.
+fn observed_delays(times: &[Instant], lost_at: Instant, failure: Duration) -> Vec<Duration> {
+    let mut delays = vec![times[0] - lost_at];
+    delays.extend(times.windows(2).map(|w| w[1] - w[0] - failure));
+    delays
+}
+
+#[test]
+fn backoff_bounds_give_up_after_twelve_and_wake_on_network_change() {
+    let mut jittered = 0;
+    for seed in 0..10u64 {
+        let mut sim = Sim::new(seed, PoolConfig::default());
+        let a = sim.add_server(18, LATENCY);
+        let (_, uri) = sim.create_queue("alice", a);
+        let before = sim.connect_times(a).len();
+        let lost_at = sim.now;
+        sim.set_down(a, true);
+        let t = sim.send("bob", &uri, b"waits");
+        sim.run_for(Duration::from_secs(3600));
+        // A refused attempt fails after the transport setup (two one-way trips).
+        let delays = observed_delays(&sim.connect_times(a)[before..], lost_at, LATENCY * 2);
+        assert_eq!(delays.len(), 12, "seed {seed}: 12 retries, then lost");
+        for (i, d) in delays.iter().enumerate() {
+            let n = nominal(i as u32 + 1);
+            assert!(*d <= CAP, "never above the cap");
+            assert!(
+                *d <= n && *d >= n / 2,
+                "seed {seed} retry {}: {d:?} vs {n:?}",
+                i + 1
+            );
+            if *d < n {
+                jittered += 1;
+            }
+        }
+        let st = status(&sim, a);
+        assert_eq!(st.state, ConnState::Lost);
+        assert_eq!(st.attempt, 12);
+        assert!(!sim.replies.contains_key(&t), "the send still waits");
+        assert_eq!(st.pending_sends, 1);
+
+        // A network change revives it: an immediate attempt, then a fresh schedule.
+        sim.set_down(a, false);
+        let n = sim.connect_times(a).len();
+        sim.pool.handle_network_change(sim.now);
+        sim.drain();
+        assert_eq!(sim.connect_times(a).len(), n + 1, "at once");
+        sim.run_for(Duration::from_secs(5));
+        assert_eq!(sim.connect_times(a).len(), n + 1);
+        assert!(matches!(sim.replies[&t].1, Ok(PoolReply::Sent { .. })));
+        let st = status(&sim, a);
+        assert_eq!((st.state, st.attempt), (ConnState::Up, 0));
+    }
+    assert!(
+        jittered > 100,
+        "jitter actually spreads the delays ({jittered}/120)"
+    );
+}
+
+#[test]
+fn a_handshake_that_fails_after_tcp_connects_does_not_reset_the_backoff() {
+    let mut sim = Sim::new(5, PoolConfig::default());
+    let a = sim.add_server(18, LATENCY);
+    let (_, _) = sim.create_queue("alice", a);
+    let before = sim.connect_times(a).len();
+    // TCP and TLS connect fine, but ServerHello is garbage every time.
+    sim.servers[a].fake.garbled_hello = true;
+    let lost_at = sim.now;
+    sim.cut(a, "connection reset by peer");
+    sim.run_for(Duration::from_secs(3600));
+    let times = sim.connect_times(a);
+    assert_eq!(times.len() - before, 12, "12 retries, then lost");
+    let st = status(&sim, a);
+    assert_eq!(st.state, ConnState::Lost);
+    assert!(
+        st.last_error.unwrap().contains("ServerHello"),
+        "handshake failures"
+    );
+    // The delays kept growing: a handshake failure is not a success. An attempt fails after
+    // the transport setup and the ServerHello trip (three one-way trips).
+    let gaps = observed_delays(&times[before..], lost_at, LATENCY * 3);
+    assert_eq!(gaps.len(), 12);
+    for (i, d) in gaps.iter().enumerate() {
+        let n = nominal(i as u32 + 1);
+        assert!(*d <= n && *d >= n / 2, "retry {}: {d:?} vs {n:?}", i + 1);
+    }
+
+    // Healthy again: after the handshake the attempt counter holds until every SUB is
+    // answered, then resets.
+    sim.servers[a].fake.garbled_hello = false;
+    sim.pool.reconnect(sim.now, None);
+    sim.drain();
+    assert!(sim.run_while(Duration::from_secs(5), |s| status(s, a).state
+        == ConnState::Up));
+    assert_eq!(status(&sim, a).attempt, 0, "wake restarts the schedule");
+    sim.cut(a, "reset");
+    assert!(sim.run_while(Duration::from_secs(5), |s| status(s, a).state
+        == ConnState::Up));
+    assert_eq!(
+        status(&sim, a).attempt,
+        1,
+        "up, but the SUBs are not answered yet"
+    );
+    sim.run_for(Duration::from_secs(1));
+    assert_eq!(status(&sim, a).attempt, 0, "reset after resubscription");
+}
+
+#[test]
+fn ten_thousand_queues_are_resubscribed_in_chunks_of_1350() {
+    let mut config = PoolConfig::default();
+    config.max_pending_per_server = 20_000;
+    let mut sim = Sim::new(9, config);
+    let a = sim.add_server(18, LATENCY);
+    let server = sim.servers[a].fake.address();
+    let tokens: Vec<_> = (0..10_000)
+        .map(|i| {
+            sim.submit(
+                &format!("app{}", i % 7),
+                muxd_core::PoolRequest::CreateQueue {
+                    server: server.clone(),
+                    websocket: false,
+                },
+            )
+        })
+        .collect();
+    assert!(sim.run_while(Duration::from_secs(60), |s| {
+        tokens.iter().all(|t| s.replies.contains_key(t))
+    }));
+    assert!(tokens.iter().all(|t| sim.replies[t].1.is_ok()));
+    let first_conn_seen = sim.servers[a].fake.seen.len();
+
+    sim.cut(a, "connection reset by peer");
+    assert!(sim.run_while(Duration::from_secs(60), |s| {
+        let st = status(s, a);
+        st.state == ConnState::Up && st.attempt == 0
+    }));
+
+    // The server's view: SUBs on the new connection, grouped by arrival time.
+    let fake = &sim.servers[a].fake;
+    let at = &sim.servers[a].seen_at;
+    let mut rounds: Vec<(Instant, usize)> = Vec::new();
+    for (seen, t) in fake.seen[first_conn_seen..]
+        .iter()
+        .zip(&at[first_conn_seen..])
+    {
+        if seen.tag != "SUB" {
+            continue;
+        }
+        match rounds.last_mut() {
+            Some((rt, n)) if rt == t => *n += 1,
+            _ => rounds.push((*t, 1)),
+        }
+    }
+    let sizes: Vec<usize> = rounds.iter().map(|(_, n)| *n).collect();
+    assert_eq!(sizes, [1350, 1350, 1350, 1350, 1350, 1350, 1350, 550]);
+    let distinct: BTreeSet<&Vec<u8>> = fake.seen[first_conn_seen..]
+        .iter()
+        .filter(|s| s.tag == "SUB")
+        .map(|s| &s.entity)
+        .collect();
+    assert_eq!(distinct.len(), 10_000, "every queue once");
+    // Every round waited for the previous one's answers: one round trip apart.
+    for w in rounds.windows(2) {
+        assert_eq!(w[1].0 - w[0].0, LATENCY * 2);
+    }
+    // All subscribed on the server, to the new connection.
+    let conn = fake.seen.last().unwrap().conn;
+    assert!(fake.queues.values().all(|q| q.subscriber == Some(conn)));
+    let pending = (0..7)
+        .flat_map(|i| sim.pool.queues(&format!("app{i}")))
+        .filter(|q| q.subscription != muxd_core::Subscription::Subscribed)
+        .count();
+    assert_eq!(pending, 0);
+    // SEND→OK and SUB→SOK round trips fed the lag history.
+    let lag = sim.pool.lag(&sim.key(a)).unwrap();
+    assert_eq!(
+        lag.summary_for(LagSource::Command).unwrap().min,
+        LATENCY * 2
+    );
+}
+
+#[test]
+fn a_dead_server_does_not_stall_another() {
+    let mut sim = Sim::new(13, PoolConfig::default());
+    let dead = sim.add_server(18, LATENCY);
+    let live = sim.add_server(18, LATENCY);
+    let (dq, duri) = sim.create_queue("alice", dead);
+    let (lq, luri) = sim.create_queue("alice", live);
+    sim.set_blackhole(dead, true);
+    let stuck: Vec<_> = (0..20u32)
+        .map(|i| sim.send("bob", &duri, &body(i)))
+        .collect();
+    for i in 0..50u32 {
+        let t = sim.send("bob", &luri, &body(i));
+        let sent_at = sim.now;
+        sim.run_while(Duration::from_secs(1), |s| s.replies.contains_key(&t));
+        let (at, result) = &sim.replies[&t];
+        assert!(result.is_ok());
+        // SKEY and the confirmation go one round trip each; later messages one.
+        assert!(
+            *at - sent_at <= LATENCY * 4,
+            "send {i} took {:?}",
+            *at - sent_at
+        );
+        sim.run_for(Duration::from_secs(10));
+    }
+    assert_eq!(sim.received[&lq], (0..50).map(body).collect::<Vec<_>>());
+    assert!(stuck.iter().all(|t| !sim.replies.contains_key(t)));
+    // The blackholed server comes back: what waited goes out, in order.
+    sim.set_blackhole(dead, false);
+    assert!(sim.run_while(Duration::from_secs(1200), |s| all_sent(s, &stuck)));
+    sim.run_for(Duration::from_secs(1));
+    let (order, _) = first_occurrences(&sim.received[&dq]);
+    assert_eq!(order, (0..20).map(body).collect::<Vec<_>>());
+}
+
+#[test]
+fn idle_servers_are_disconnected_and_lag_watch_pings() {
+    let mut sim = Sim::new(17, PoolConfig::default());
+    let a = sim.add_server(18, LATENCY);
+    let b = sim.add_server(18, LATENCY);
+    sim.create_queue("alice", a);
+    let (qb, _) = sim.create_queue("alice", b);
+    // Server b's only queue is deleted: nothing needs it any more.
+    let t = sim.submit(
+        "alice",
+        muxd_core::PoolRequest::DeleteQueue { queue_id: qb },
+    );
+    sim.wait_reply(t, Duration::from_secs(5)).unwrap();
+    let deleted_at = sim.now;
+    sim.run_for(Duration::from_secs(120));
+    let kb = sim.key(b);
+    let (at, _) = sim.disconnects.iter().find(|(_, k)| *k == kb).unwrap();
+    assert_eq!(*at - deleted_at, Duration::from_secs(60));
+    assert_eq!(status(&sim, b).state, ConnState::Idle);
+    // Server a keeps its queue's connection.
+    assert_eq!(status(&sim, a).state, ConnState::Up);
+
+    // `muxctl lag --watch`: one PING a second while watched, background only afterwards.
+    let ka = sim.key(a);
+    let pings = |s: &Sim| {
+        s.pool
+            .lag(&ka)
+            .unwrap()
+            .iter()
+            .filter(|x| x.source == LagSource::Ping)
+            .count()
+    };
+    let before = pings(&sim);
+    assert!(sim.pool.set_lag_watch(&ka, true, None));
+    sim.run_for(Duration::from_secs(30));
+    let watched = pings(&sim) - before;
+    assert!((29..=31).contains(&watched), "{watched} PINGs in 30 s");
+    let summary = status(&sim, a).lag.unwrap();
+    assert_eq!(summary.last_rtt, LATENCY * 2);
+    sim.pool.set_lag_watch(&ka, false, None);
+    // The last watch PING's PONG may still be on the way.
+    sim.run_for(Duration::from_secs(1));
+    let before = pings(&sim);
+    sim.run_for(Duration::from_secs(597));
+    assert_eq!(pings(&sim), before, "no PING before 600 s of silence");
+    sim.run_for(Duration::from_secs(5));
+    assert_eq!(pings(&sim), before + 1);
+}
+
+/// A fault the random walk applies.
+#[derive(Debug, Clone)]
+enum Op {
+    Cut(usize),
+    Blackhole(usize, bool),
+    Down(usize, bool),
+    Send(usize),
+    NetworkChange,
+    Reconnect,
+    Wait(u64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0..2usize).prop_map(Op::Cut),
+        (0..2usize, any::<bool>()).prop_map(|(i, b)| Op::Blackhole(i, b)),
+        (0..2usize, any::<bool>()).prop_map(|(i, b)| Op::Down(i, b)),
+        (0..2usize).prop_map(Op::Send),
+        Just(Op::NetworkChange),
+        Just(Op::Reconnect),
+        (1..120_000u64).prop_map(Op::Wait),
+    ]
+}
+
+/// Invariants that must hold after every step.
+fn check(sim: &Sim) {
+    for idx in 0..sim.servers.len() {
+        let st = status(sim, idx);
+        assert!(st.attempt <= 12, "{st:?}");
+        if st.state == ConnState::Up {
+            assert!(sim.linked(idx), "up without a transport: {st:?}");
+        }
+        if sim.linked(idx) {
+            assert!(
+                matches!(st.state, ConnState::Handshaking | ConnState::Up),
+                "a transport the pool forgot: {st:?}"
+            );
+        }
+        if st.state == ConnState::BackingOff
+            && let Some(at) = st.next_retry_at
+        {
+            assert!(at - st.since <= CAP, "{st:?}");
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_fault_sequences_keep_the_invariants(seed in any::<u64>(), ops in prop::collection::vec(op(), 1..30)) {
+        let mut sim = Sim::new(seed, PoolConfig::default());
+        let servers = [sim.add_server(18, LATENCY), sim.add_server(16, LATENCY)];
+        let uris: Vec<(String, String)> = servers.iter().map(|&i| sim.create_queue("alice", i)).collect();
+        let mut sent: Vec<Vec<Vec<u8>>> = vec![Vec::new(); 2];
+        let mut tokens = Vec::new();
+        for op in ops {
+            match op {
+                Op::Cut(i) => sim.cut(i, "reset"),
+                Op::Blackhole(i, on) => sim.set_blackhole(i, on),
+                Op::Down(i, down) => sim.set_down(i, down),
+                Op::Send(i) => {
+                    let b = format!("m{}", tokens.len()).into_bytes();
+                    tokens.push(sim.send("bob", &uris[i].1, &b));
+                    sent[i].push(b);
+                }
+                Op::NetworkChange => {
+                    sim.pool.handle_network_change(sim.now);
+                    sim.drain();
+                }
+                Op::Reconnect => {
+                    sim.pool.reconnect(sim.now, None);
+                    sim.drain();
+                }
+                Op::Wait(ms) => {
+                    let end = sim.now + Duration::from_millis(ms);
+                    while sim.step(end) { check(&sim); }
+                }
+            }
+            check(&sim);
+        }
+        // Heal everything; a network change wakes what gave up. Every message arrives.
+        for &i in &servers {
+            sim.set_blackhole(i, false);
+            sim.set_down(i, false);
+        }
+        sim.pool.handle_network_change(sim.now);
+        sim.drain();
+        prop_assert!(sim.run_while(Duration::from_secs(3600), |s| all_sent(s, &tokens)));
+        sim.run_for(Duration::from_secs(2));
+        check(&sim);
+        for (i, (queue_id, _)) in uris.iter().enumerate() {
+            let got = sim.received.get(queue_id).cloned().unwrap_or_default();
+            let (order, _) = first_occurrences(&got);
+            prop_assert_eq!(&order, &sent[i]);
+        }
+    }
+}
