@@ -173,6 +173,11 @@ impl RelayHandle {
         out
     }
 
+    /// The live counters (they stay readable after [`Self::shutdown`]).
+    pub fn counters(&self) -> Arc<Counters> {
+        self.shared.counters.clone()
+    }
+
     /// A copy of the counters.
     pub fn snapshot(&self) -> Snapshot {
         self.shared.counters.snapshot()

@@ -15,7 +15,7 @@ use muxd_grp::relay::{RelayCloseReason, RelayEvent, RelayLink, RelayLinkConfig};
 use muxd_grp::{FAIL_DELAY, HS_LEN, HS_TIMEOUT, PREAMBLE, RECORD, Role};
 use muxd_smp::error::ErrorType;
 use rand_core::OsRng;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::carrier::Carrier;
