@@ -122,7 +122,8 @@ fn rtt_sample(u: &UpstreamStatus) -> Option<u64> {
     if u.state != "up" {
         return None;
     }
-    u.rtt_last_us.or_else(|| u.lag.as_ref().map(|l| l.p50_us))
+    u.rtt_last_us
+        .or_else(|| u.lag.as_ref().filter(|l| l.count > 0).map(|l| l.p50_us))
 }
 
 fn state_style(state: &str) -> Style {
@@ -498,9 +499,11 @@ pub(crate) async fn run(mut client: Client, interval: f64) -> anyhow::Result<()>
                 };
                 match result {
                     Ok(report) => state.ingest(report, unix_ms_now()),
-                    // The connection is gone: nothing more will come.
+                    // The connection is gone: nothing more will come. Flattened to text on
+                    // purpose: main treats an io::Error of kind BrokenPipe in the chain as
+                    // "stdout's reader left" and exits 0, but here the daemon went away.
                     Err(e @ (ClientError::Closed | ClientError::Io(_))) => {
-                        return Err(anyhow::Error::new(e).context("lost the connection to muxd"));
+                        bail!("lost the connection to muxd: {e}");
                     }
                     Err(e) => state.set_error(e.to_string()),
                 }
@@ -817,5 +820,212 @@ mod tests {
             b.contains("backing_off") && b.contains("connection"),
             "{text}"
         );
+    }
+
+    /// A stand-in daemon on a real Unix socket: answers the hello and every `status` with
+    /// one server that is up (its RTT rising and falling by request) and one backing off.
+    /// With `hang_up_after`, it closes each connection after that many status replies.
+    fn fake_daemon(path: &std::path::Path, hang_up_after: Option<u64>) {
+        use muxd_ipc_proto::{
+            ClientMessage, FrameDecoder, Op, PROTO_VERSION, Reply, Response, ServerHello,
+            ServerMessage, encode_frame,
+        };
+        use std::io::{Read, Write};
+
+        let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                std::thread::spawn(move || {
+                    let mut dec = FrameDecoder::new();
+                    let mut buf = [0u8; 4096];
+                    let mut n_status = 0u64;
+                    loop {
+                        let msg = loop {
+                            if let Some(m) = dec.next::<ClientMessage>().unwrap() {
+                                break m;
+                            }
+                            match conn.read(&mut buf) {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => dec.extend(&buf[..n]),
+                            }
+                        };
+                        let reply = match msg {
+                            ClientMessage::Hello(_) => ServerMessage::Hello(ServerHello {
+                                proto_version: PROTO_VERSION,
+                                daemon_version: "9.9.9-fake".into(),
+                                pid: 4242,
+                            }),
+                            ClientMessage::Request(_) if Some(n_status) == hang_up_after => {
+                                return;
+                            }
+                            ClientMessage::Request(r) if r.op == Op::Status => {
+                                n_status += 1;
+                                // A saw-tooth, so the bars differ in height.
+                                let rtt = 1_000 + (n_status % 4) * 2_000;
+                                let mut report = report(vec![
+                                    up("smp://k@fake.example:5223", rtt),
+                                    backing_off(SERVER_B),
+                                ]);
+                                report.daemon_version = "9.9.9-fake".into();
+                                ServerMessage::Response(Response {
+                                    id: r.id,
+                                    reply: Reply::Status(report),
+                                })
+                            }
+                            other => panic!("unexpected {other:?}"),
+                        };
+                        let mut out = Vec::new();
+                        encode_frame(&reply, &mut out).unwrap();
+                        if conn.write_all(&out).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    }
+
+    /// A private tmux server, killed on drop.
+    struct Tmux {
+        socket: std::path::PathBuf,
+    }
+
+    impl Tmux {
+        /// Runs `muxctl top -i 0.2` against `sock` in a new 160x30 tmux session.
+        fn start(dir: &std::path::Path, sock: &std::path::Path) -> Self {
+            // target/debug/deps/muxctl-<hash> -> target/debug/muxctl
+            let exe = std::env::current_exe().unwrap();
+            let muxctl = exe.parent().unwrap().parent().unwrap().join("muxctl");
+            assert!(
+                muxctl.exists(),
+                "build it first: {} is missing",
+                muxctl.display()
+            );
+            let tmux = Self {
+                socket: dir.join("tmux.sock"),
+            };
+            // The shell line stays on screen after muxctl exits, showing its exit status.
+            let script = format!(
+                "'{}' --socket '{}' top -i 0.2; echo EXIT=$?; sleep 60",
+                muxctl.display(),
+                sock.display()
+            );
+            let out = tmux.cmd(&[
+                "new-session",
+                "-d",
+                "-s",
+                "top",
+                "-x",
+                "160",
+                "-y",
+                "30",
+                "sh",
+                "-c",
+                &script,
+            ]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            tmux
+        }
+
+        fn cmd(&self, args: &[&str]) -> std::process::Output {
+            std::process::Command::new("tmux")
+                .arg("-S")
+                .arg(&self.socket)
+                .args(args)
+                .output()
+                .unwrap()
+        }
+
+        fn capture(&self) -> String {
+            String::from_utf8(self.cmd(&["capture-pane", "-p", "-t", "top"]).stdout).unwrap()
+        }
+
+        /// Captures the pane until `ok` accepts it, failing after 10 s.
+        fn wait_for(&self, what: &str, ok: impl Fn(&str) -> bool) -> String {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let screen = self.capture();
+                if ok(&screen) {
+                    return screen;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "timed out waiting for {what}; the pane shows:\n{screen}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    impl Drop for Tmux {
+        fn drop(&mut self) {
+            let _ = self.cmd(&["kill-server"]);
+        }
+    }
+
+    /// The real binary in a real terminal (tmux): the dashboard comes up with the state and a
+    /// sparkline, refreshes, and `q` quits cleanly, leaving the alternate screen.
+    ///
+    /// Ignored by default because it needs tmux and the `muxctl` binary built next to this
+    /// test (`cargo test -p muxctl` builds it): `cargo test -p muxctl -- --ignored top_in_tmux`.
+    #[test]
+    #[ignore = "needs tmux and the muxctl binary"]
+    fn top_in_tmux() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("muxd.sock");
+        fake_daemon(&sock, None);
+        let tmux = Tmux::start(dir.path(), &sock);
+
+        // Four refreshes have seen the whole saw-tooth (3, 5, 7, 1 ms).
+        let screen = tmux.wait_for("the dashboard with four samples", |s| {
+            s.contains("1.0–7.0 ms")
+        });
+        assert!(screen.contains("muxd 9.9.9-fake · pid 77"), "{screen}");
+        let a = screen
+            .lines()
+            .find(|l| l.contains("smp://k@fake.example:5223"))
+            .unwrap_or_else(|| panic!("{screen}"));
+        assert!(a.contains(" up "), "{screen}");
+        let b = screen
+            .lines()
+            .find(|l| l.contains(SERVER_B))
+            .unwrap_or_else(|| panic!("{screen}"));
+        assert!(b.contains("backing_off"), "{screen}");
+        assert!(screen.contains("q quit · refreshed every 0.2s"), "{screen}");
+        let bars: std::collections::BTreeSet<char> =
+            screen.chars().filter(|c| BARS.contains(c)).collect();
+        assert!(
+            bars.len() >= 2,
+            "a saw-tooth needs bars of several heights:\n{screen}"
+        );
+
+        tmux.cmd(&["send-keys", "-t", "top", "q"]);
+        let screen = tmux.wait_for("muxctl to exit", |s| s.contains("EXIT="));
+        assert!(screen.contains("EXIT=0"), "{screen}");
+        // Back on the normal screen: the dashboard is gone.
+        assert!(!screen.contains("q quit"), "{screen}");
+    }
+
+    /// The daemon hanging up ends the dashboard with an error, printed on the restored
+    /// normal screen (not swallowed as a broken pipe).
+    #[test]
+    #[ignore = "needs tmux and the muxctl binary"]
+    fn top_in_tmux_daemon_goes_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("muxd.sock");
+        fake_daemon(&sock, Some(3));
+        let tmux = Tmux::start(dir.path(), &sock);
+        let screen = tmux.wait_for("muxctl to exit", |s| s.contains("EXIT="));
+        assert!(screen.contains("EXIT=1"), "{screen}");
+        assert!(
+            screen.contains("muxctl: lost the connection to muxd"),
+            "{screen}"
+        );
+        assert!(!screen.contains("q quit"), "{screen}");
     }
 }

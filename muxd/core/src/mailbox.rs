@@ -25,7 +25,23 @@ pub struct ReceivedMessage {
     pub body: Vec<u8>,
 }
 
+/// What [`Mailbox::deliver`] did with a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Delivery {
+    /// Stored for the app; the queue's high-water mark is now its seq.
+    New,
+    /// Already delivered (seq at or below the high-water mark, or a known msgId): nothing
+    /// stored, the pool only ACKs it.
+    Duplicate,
+}
+
 /// Storage for received messages, per queue, oldest first.
+///
+/// For exactly-once delivery the store also keeps, per queue, the highest sender seq it
+/// delivered (see `docs/envelope.md`). A durable store must write that mark in the same
+/// commit as the message ([`Self::deliver`]): a crash between the two would either lose the
+/// message or let its resent copy through.
 pub trait Mailbox {
     /// Stores `message` at the end of its queue. Returns `false` (and stores nothing) when a
     /// message with the same `msg_id` is already stored or was recently removed: servers
@@ -43,6 +59,31 @@ pub trait Mailbox {
 
     /// Forgets a queue and all its messages.
     fn remove_queue(&mut self, queue_id: &str);
+
+    /// Stores `message`, which carried the sender's sequence number `seq`, unless it was
+    /// already delivered: `seq` is at or below the queue's high-water mark (the sender resent
+    /// a message whose OK was lost), or its `msg_id` is known (the server re-delivered a
+    /// message whose ACK was lost). On [`Delivery::New`] the mark becomes `seq`.
+    ///
+    /// The default only checks the `msg_id` (through [`Self::insert`]) and keeps no mark; the
+    /// pool keeps one in memory in front of it, so that suffices while the daemon runs. A
+    /// store that must stay exactly-once across restarts overrides this and
+    /// [`Self::delivered_seq`], checking and writing both in one transaction.
+    fn deliver(&mut self, message: ReceivedMessage, seq: u64) -> Delivery {
+        let _ = seq;
+        if self.insert(message) {
+            Delivery::New
+        } else {
+            Delivery::Duplicate
+        }
+    }
+
+    /// The queue's high-water mark: the highest seq [`Self::deliver`] stored, `None` when
+    /// nothing was delivered yet or the store does not keep marks.
+    fn delivered_seq(&self, queue_id: &str) -> Option<u64> {
+        let _ = queue_id;
+        None
+    }
 }
 
 /// A [`Mailbox`] in memory: lost when the daemon stops.
@@ -55,6 +96,20 @@ pub struct MemoryMailbox {
 struct Slot {
     waiting: VecDeque<ReceivedMessage>,
     removed: VecDeque<String>,
+    /// The highest seq delivered; 0 before the first (seqs start at 1).
+    high_water: u64,
+}
+
+impl Slot {
+    /// Appends `message` unless its msgId is waiting or was recently removed.
+    fn push(&mut self, message: ReceivedMessage) -> bool {
+        let known = self.waiting.iter().any(|m| m.msg_id == message.msg_id)
+            || self.removed.contains(&message.msg_id);
+        if !known {
+            self.waiting.push_back(message);
+        }
+        !known
+    }
 }
 
 impl MemoryMailbox {
@@ -67,12 +122,7 @@ impl MemoryMailbox {
 impl Mailbox for MemoryMailbox {
     fn insert(&mut self, message: ReceivedMessage) -> bool {
         let slot = self.queues.entry(message.queue_id.clone()).or_default();
-        let known = slot.waiting.iter().any(|m| m.msg_id == message.msg_id)
-            || slot.removed.contains(&message.msg_id);
-        if !known {
-            slot.waiting.push_back(message);
-        }
-        !known
+        slot.push(message)
     }
 
     fn peek(&self, queue_id: &str, max: usize) -> Vec<ReceivedMessage> {
@@ -103,6 +153,23 @@ impl Mailbox for MemoryMailbox {
 
     fn remove_queue(&mut self, queue_id: &str) {
         self.queues.remove(queue_id);
+    }
+
+    fn deliver(&mut self, message: ReceivedMessage, seq: u64) -> Delivery {
+        let slot = self.queues.entry(message.queue_id.clone()).or_default();
+        // The mark and the message change together, as a durable store commits them.
+        if seq <= slot.high_water || !slot.push(message) {
+            return Delivery::Duplicate;
+        }
+        slot.high_water = seq;
+        Delivery::New
+    }
+
+    fn delivered_seq(&self, queue_id: &str) -> Option<u64> {
+        self.queues
+            .get(queue_id)
+            .map(|s| s.high_water)
+            .filter(|&h| h > 0)
     }
 }
 
@@ -145,5 +212,65 @@ mod tests {
         // The oldest id fell out of the window; the newest is still known.
         assert!(m.insert(msg("0")));
         assert!(!m.insert(msg(&REMEMBERED_ACKS.to_string())));
+    }
+
+    #[test]
+    fn deliver_keeps_a_high_water_mark_per_queue() {
+        let mut m = MemoryMailbox::new();
+        assert_eq!(m.delivered_seq("q"), None);
+        assert_eq!(m.deliver(msg("a"), 1), Delivery::New);
+        assert_eq!(m.deliver(msg("b"), 2), Delivery::New);
+        // The sender resent seq 2 (its OK was lost): a new msgId, the same seq.
+        assert_eq!(m.deliver(msg("b2"), 2), Delivery::Duplicate);
+        assert_eq!(m.deliver(msg("old"), 1), Delivery::Duplicate);
+        // A gap (a message the sender gave up on) is fine; the mark jumps.
+        assert_eq!(m.deliver(msg("e"), 5), Delivery::New);
+        assert_eq!(m.deliver(msg("c"), 3), Delivery::Duplicate);
+        assert_eq!(m.delivered_seq("q"), Some(5));
+        // The server re-delivered a msgId with a higher seq: still one copy.
+        assert_eq!(m.deliver(msg("e"), 6), Delivery::Duplicate);
+        assert_eq!(m.delivered_seq("q"), Some(5), "a refused message moves no mark");
+        let ids: Vec<String> = m.peek("q", 10).into_iter().map(|x| x.msg_id).collect();
+        assert_eq!(ids, ["a", "b", "e"]);
+        // Another queue has its own mark.
+        let mut other = msg("a");
+        other.queue_id = "r".into();
+        assert_eq!(m.deliver(other, 1), Delivery::New);
+        // The mark outlives the app's acks, and goes with the queue.
+        for id in ["a", "b", "e"] {
+            assert!(m.remove("q", id));
+        }
+        assert_eq!(m.deliver(msg("f"), 5), Delivery::Duplicate);
+        m.remove_queue("q");
+        assert_eq!(m.delivered_seq("q"), None);
+    }
+
+    /// A store that does not override `deliver` still refuses a known msgId.
+    #[test]
+    fn default_deliver_falls_back_to_msg_id_dedup() {
+        #[derive(Debug, Default)]
+        struct Plain(MemoryMailbox);
+        impl Mailbox for Plain {
+            fn insert(&mut self, message: ReceivedMessage) -> bool {
+                self.0.insert(message)
+            }
+            fn peek(&self, queue_id: &str, max: usize) -> Vec<ReceivedMessage> {
+                self.0.peek(queue_id, max)
+            }
+            fn remove(&mut self, queue_id: &str, msg_id: &str) -> bool {
+                self.0.remove(queue_id, msg_id)
+            }
+            fn count(&self, queue_id: &str) -> usize {
+                self.0.count(queue_id)
+            }
+            fn remove_queue(&mut self, queue_id: &str) {
+                self.0.remove_queue(queue_id);
+            }
+        }
+        let mut p = Plain::default();
+        assert_eq!(p.deliver(msg("a"), 1), Delivery::New);
+        assert_eq!(p.deliver(msg("a"), 1), Delivery::Duplicate);
+        assert_eq!(p.deliver(msg("b"), 1), Delivery::New, "no mark kept");
+        assert_eq!(p.delivered_seq("q"), None);
     }
 }

@@ -12,6 +12,7 @@ use muxd_smp::keys::{DhSecret, Ed25519SecretKey, X25519PublicKey, X25519SecretKe
 use muxd_smp::version::SND_AUTH_KEY;
 use rand_core::{CryptoRng, RngCore};
 
+use crate::envelope::Envelope;
 use crate::request::RequestToken;
 use crate::server::ServerKey;
 
@@ -64,7 +65,15 @@ pub(crate) enum OutState {
 /// A message waiting for the server's OK.
 #[derive(Debug)]
 pub(crate) struct OutMsg {
+    /// The pool's id of the message (unique in the pool, the `message_id` of the reply).
     pub(crate) seq: u64,
+    /// The seq in the app envelope, per destination queue: fixed when the app handed the
+    /// message over so that a resend carries it again. Only a message the server
+    /// definitely refused may get a new one (see [`SndQueue::stamp`]).
+    pub(crate) envelope_seq: u64,
+    /// An earlier attempt's outcome is unknown (the connection died or the command timed
+    /// out before the answer): the server may hold a copy.
+    pub(crate) maybe_stored: bool,
     pub(crate) token: RequestToken,
     pub(crate) body: Vec<u8>,
     pub(crate) state: OutState,
@@ -89,6 +98,10 @@ pub(crate) struct SndQueue {
     /// Send one message at a time until the next OK (after an error that may recur).
     pub(crate) cautious: bool,
     pub(crate) retry_at: Option<Instant>,
+    /// The next envelope seq to hand out; starts at 1.
+    next_envelope_seq: u64,
+    /// The highest envelope seq ever put on the wire: the server may hold it.
+    sent_high: u64,
 }
 
 impl SndQueue {
@@ -111,7 +124,36 @@ impl SndQueue {
             outbox: VecDeque::new(),
             cautious: false,
             retry_at: None,
+            next_envelope_seq: 1,
+            sent_high: 0,
         }
+    }
+
+    /// The envelope seq for a message the app just handed over.
+    pub(crate) fn next_envelope_seq(&mut self) -> u64 {
+        let seq = self.next_envelope_seq;
+        self.next_envelope_seq += 1;
+        seq
+    }
+
+    /// Fixes the envelope seq of the outbox entry `i` just before it goes on the wire, and
+    /// returns it.
+    ///
+    /// The recipient drops every seq at or below the highest it delivered, so a message must
+    /// never reach the server after one with a higher seq unless it is a copy of something
+    /// already there. A message the server refused outright (QUOTA, AUTH) while later ones
+    /// were in flight can be overtaken by them; it was not stored, so it safely takes a fresh
+    /// seq above everything sent. A message that may be stored keeps its seq: a second copy
+    /// must be recognisable as one.
+    pub(crate) fn stamp(&mut self, i: usize) -> Option<u64> {
+        let next = self.next_envelope_seq;
+        let msg = self.outbox.get_mut(i)?;
+        if !msg.maybe_stored && msg.envelope_seq < self.sent_high {
+            msg.envelope_seq = next;
+            self.next_envelope_seq += 1;
+        }
+        self.sent_high = self.sent_high.max(msg.envelope_seq);
+        Some(msg.envelope_seq)
     }
 
     /// Whether a later URI names the same queue keys.
@@ -133,12 +175,18 @@ impl SndQueue {
         &self,
         rng: &mut R,
         fast: bool,
+        envelope_seq: u64,
         body: &[u8],
     ) -> Result<(Vec<u8>, SendKind), E2eError> {
+        let body = Envelope {
+            seq: envelope_seq,
+            payload: body,
+        }
+        .to_bytes();
         if self.confirmation == Confirmation::Confirmed {
             let msg = ClientMessage {
                 header: PrivHeader::Empty,
-                body: body.to_vec(),
+                body,
             };
             let env =
                 ClientMsgEnvelope::seal(rng, self.client_version, None, &self.e2e_secret, &msg)?;
@@ -150,10 +198,7 @@ impl SndQueue {
         } else {
             PrivHeader::Confirmation(self.auth.public_key())
         };
-        let msg = ClientMessage {
-            header,
-            body: body.to_vec(),
-        };
+        let msg = ClientMessage { header, body };
         let env = ClientMsgEnvelope::seal_confirmation(
             rng,
             self.client_version,
@@ -180,9 +225,10 @@ impl SndQueue {
     }
 
     /// Forgets everything in flight after the connection died. The messages go back to the
-    /// queue, in their order, to be sent again on the next connection: one whose OK was lost
-    /// may reach the recipient twice, none is lost. What may have reached the server
-    /// (SKEY, the confirmation) is re-checked next time.
+    /// queue, in their order, to be sent again on the next connection with the same envelope
+    /// seq: the server may store a second copy of one whose OK was lost, and the recipient
+    /// drops it; none is lost. What may have reached the server (SKEY, the confirmation) is
+    /// re-checked next time.
     pub(crate) fn reset_after_loss(&mut self) {
         let confirmation_in_flight = self
             .outbox
@@ -196,6 +242,9 @@ impl SndQueue {
             self.secured = Secured::No;
         }
         for m in &mut self.outbox {
+            if matches!(m.state, OutState::InFlight(_)) {
+                m.maybe_stored = true;
+            }
             m.state = OutState::Queued;
         }
         self.cautious = false;

@@ -17,12 +17,12 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use muxd_core::{
-    Action, ConnState, Pool, PoolConfig, PoolError, PoolEvent, PoolReply, PoolRequest, RequestToken,
-    ServerStatus,
+    Action, ConnState, Pool, PoolConfig, PoolError, PoolEvent, PoolReply, PoolRequest,
+    RequestToken, ServerStatus,
 };
 use muxd_ipc_proto::{
-    ErrorCode, ErrorFrame, Event, LagSummary, Op, QueueInfo, ReceivedMessage, Reply, Request, Response,
-    ServerMessage, StatusReport, UpstreamStatus,
+    ErrorCode, ErrorFrame, Event, LagSummary, Op, QueueInfo, ReceivedMessage, Reply, Request,
+    Response, ServerMessage, StatusReport, UpstreamStatus,
 };
 use rand_chacha::ChaCha20Rng;
 use tokio::sync::mpsc;

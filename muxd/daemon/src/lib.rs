@@ -111,10 +111,10 @@ pub async fn serve(
 ) -> Result<(), Error> {
     let BoundSocket { listener, path } = socket;
     tracing::info!(path = %path.display(), "listening on {}", path.display());
-    if let Some(notify) = &config.notify_socket {
-        if let Err(e) = ipc::socket::notify_ready(notify) {
-            tracing::warn!(error = %e, "cannot notify systemd of readiness");
-        }
+    if let Some(notify) = &config.notify_socket
+        && let Err(e) = ipc::socket::notify_ready(notify)
+    {
+        tracing::warn!(error = %e, "cannot notify systemd of readiness");
     }
 
     let signal = shutdown::ShutdownSignal::new();

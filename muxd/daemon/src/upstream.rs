@@ -19,7 +19,7 @@ use std::time::Duration;
 use muxd_core::{Action, ServerKey, TransportInfo};
 use muxd_smp::cert::KeyHash;
 use muxd_transport::tokio_rustls::client::TlsStream;
-use muxd_transport::{BLOCK_SIZE, BlockStream, ConnectOptions, connect_tls};
+use muxd_transport::{BLOCK_SIZE, BlockStream, ConnectOptions, TransportError, connect_tls};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, PollSender};
@@ -253,7 +253,7 @@ struct Task {
 enum Step {
     Stop,
     Write(Vec<u8>),
-    Read(Result<Box<[u8; BLOCK_SIZE]>, muxd_transport::TransportError>),
+    Read(Result<Box<[u8; BLOCK_SIZE]>, TransportError>),
 }
 
 impl Task {
@@ -310,7 +310,7 @@ impl Task {
                 }
                 Step::Read(Err(e)) => {
                     tracing::debug!(error = %e, "transport lost");
-                    self.report(UpstreamEventKind::Disconnected(e.to_string()))
+                    self.report(UpstreamEventKind::Disconnected(loss_reason(&e)))
                         .await;
                     return;
                 }
@@ -328,6 +328,18 @@ impl Task {
             kind,
         };
         self.events.send(event).await.is_ok()
+    }
+}
+
+/// The text status shows for a broken connection. rustls reports a peer that vanished (a
+/// killed server, a dropped route) as an EOF without close_notify, with a link to its manual;
+/// people want the plain fact.
+fn loss_reason(e: &TransportError) -> String {
+    match e {
+        TransportError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            "connection closed by peer (no TLS close_notify)".to_owned()
+        }
+        other => other.to_string(),
     }
 }
 

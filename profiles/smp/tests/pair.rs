@@ -114,11 +114,11 @@ impl FakeServer {
     fn client_hello(&mut self, block: &[u8]) -> ClientHello {
         let hello = ClientHello::decode(unpad_block(block).unwrap()).unwrap();
         self.version = hello.version;
-        if hello.version >= 11 {
-            if let Some(k) = &hello.client_key {
-                let dh = self.session_key.diffie_hellman(k);
-                self.cipher = Some(BlockCipher::server(&self.session_id, &dh));
-            }
+        if hello.version >= 11
+            && let Some(k) = &hello.client_key
+        {
+            let dh = self.session_key.diffie_hellman(k);
+            self.cipher = Some(BlockCipher::server(&self.session_id, &dh));
         }
         hello
     }
@@ -541,6 +541,191 @@ fn garbled_cert_key_at_v18_means_plain_blocks_both_ways() {
     assert!(unpad_block(&reply).is_ok());
     let ev = p.deliver(&reply);
     assert_eq!(response(&ev[0]), (&id, &Ok(Response::Pong)));
+}
+
+/// An Ed25519 certificate made with openssl (a dependency of the crate already).
+fn openssl_cert(
+    subject: &str,
+    key: &openssl::pkey::PKey<openssl::pkey::Private>,
+    issuer: (&str, &openssl::pkey::PKey<openssl::pkey::Private>),
+    ca: bool,
+) -> Vec<u8> {
+    use openssl::x509::{X509Builder, X509NameBuilder, extension::BasicConstraints};
+    let name = |cn: &str| {
+        let mut n = X509NameBuilder::new().unwrap();
+        n.append_entry_by_text("CN", cn).unwrap();
+        n.build()
+    };
+    let mut b = X509Builder::new().unwrap();
+    b.set_version(2).unwrap();
+    let serial = openssl::bn::BigNum::from_u32(1).unwrap();
+    b.set_serial_number(&serial.to_asn1_integer().unwrap())
+        .unwrap();
+    b.set_subject_name(&name(subject)).unwrap();
+    b.set_issuer_name(&name(issuer.0)).unwrap();
+    b.set_pubkey(key).unwrap();
+    let t = |s| openssl::asn1::Asn1Time::from_unix(s).unwrap();
+    b.set_not_before(&t(1_700_000_000)).unwrap();
+    b.set_not_after(&t(2_000_000_000)).unwrap();
+    if ca {
+        b.append_extension(BasicConstraints::new().critical().ca().build().unwrap())
+            .unwrap();
+    }
+    b.sign(issuer.1, openssl::hash::MessageDigest::null())
+        .unwrap();
+    b.build().to_der().unwrap()
+}
+
+/// PRXY → PKEY → PFWD(SEND) → PRES over the connection, the fake server playing both the
+/// proxy and the destination relay.
+#[test]
+fn send_through_a_proxy() {
+    use muxd_smp::crypto::{cb_decrypt, cb_encrypt};
+    use muxd_smp::proxy::{PADDED_PROXIED_LEN, ProxiedRelay, ProxiedResponse};
+
+    let mut p = Pair::new(18);
+    p.connect();
+    // The destination relay's identity and session key.
+    let leaf = Ed25519SecretKey::generate(&mut p.rng);
+    let leaf_pkey = openssl::pkey::PKey::private_key_from_raw_bytes(
+        &*leaf.to_seed(),
+        openssl::pkey::Id::ED25519,
+    )
+    .unwrap();
+    let ca = openssl::pkey::PKey::generate_ed25519().unwrap();
+    let chain = vec![
+        openssl_cert("relay", &leaf_pkey, ("ca", &ca), false),
+        openssl_cert("ca", &ca, ("ca", &ca), true),
+    ];
+    let relay_session = X25519SecretKey::generate(&mut p.rng);
+    let object = cert::signed_key_object(&relay_session.public_key().to_spki());
+    let relay_sid = vec![0x42; 32];
+    let pkey = muxd_smp::command::ProxyKey {
+        session_id: relay_sid.clone(),
+        min_version: 8,
+        max_version: 17,
+        cert_chain: chain.clone(),
+        signed_key: cert::encode_signed_key(
+            &object,
+            SignatureAlgorithm::Ed25519,
+            &leaf.sign(&object),
+        ),
+    };
+
+    let prxy = Command::Prxy {
+        server: muxd_smp::command::ServerRef {
+            hosts: vec!["relay.example".into()],
+            port: String::new(),
+            key_hash: cert::key_hash(&chain[1]).as_bytes().to_vec(),
+        },
+        basic_auth: None,
+    };
+    let id = p.send(b"", &prxy, None);
+    let block = p.transmit().unwrap();
+    let got = p.server.recv(&block);
+    assert_eq!(got[0].command, prxy);
+    let reply = p.server.send(&[(id.as_bytes(), b"", Response::PKey(pkey))]);
+    let ev = p.deliver(&reply);
+    let Ok(Response::PKey(pkey)) = response(&ev[0]).1.clone() else {
+        panic!("{ev:?}")
+    };
+    let relay = ProxiedRelay::from_proxy_key(
+        &pkey,
+        &cert::key_hash(&chain[1]),
+        muxd_smp::handshake::CLIENT_VERSIONS,
+        1_750_000_000,
+    )
+    .unwrap();
+    assert_eq!(relay.version(), 17);
+
+    let snd_id = [0x77u8; 24];
+    let body = Command::Send {
+        notification: true,
+        body: b"proxied".to_vec(),
+    };
+    let (fwd_id, pending) = p
+        .client
+        .send_forwarded(p.now, &mut p.rng, &relay, &snd_id, &body, None)
+        .unwrap();
+    let block = p.transmit().unwrap();
+    let got = p.server.recv(&block);
+    // The proxy sees PFWD for the relay session, unauthorized, corrId = N.
+    assert_eq!(
+        (
+            &got[0].corr_id[..],
+            &got[0].entity_id[..],
+            got[0].auth.len()
+        ),
+        (&fwd_id.as_bytes()[..], &relay_sid[..], 0)
+    );
+    let Command::PFwd { version, key, enc } = &got[0].command else {
+        panic!("{:?}", got[0].command)
+    };
+    // The relay opens it...
+    let secret = relay_session.diffie_hellman(&X25519PublicKey::from_spki(key).unwrap());
+    let inner = cb_decrypt(&secret, fwd_id.as_bytes(), enc).unwrap();
+    let items = decode_batch(&inner).unwrap();
+    let t = Transmission::decode(*version, &relay_sid, items[0]).unwrap();
+    assert_eq!(
+        (t.corr_id, t.entity_id),
+        (&fwd_id.as_bytes()[..], &snd_id[..])
+    );
+    assert_eq!(Command::decode(*version, t.command).unwrap(), body);
+    // ...and answers OK under the reversed nonce, which the proxy returns as PRES.
+    let mut ok = Vec::new();
+    Response::Ok.encode(*version, &mut ok).unwrap();
+    let a = Authorized::new(&relay_sid, fwd_id.as_bytes(), &snd_id, &ok).unwrap();
+    let mut rt = Vec::new();
+    encode_transmission(*version, b"", &a, &mut rt).unwrap();
+    let mut batch = BatchBuilder::new();
+    assert!(batch.push(&rt));
+    let mut nonce = *fwd_id.as_bytes();
+    nonce.reverse();
+    let enc_r = cb_encrypt(&secret, &nonce, &batch.take(), PADDED_PROXIED_LEN).unwrap();
+    let reply = p
+        .server
+        .send(&[(fwd_id.as_bytes(), &relay_sid, Response::PRes(enc_r))]);
+    let ev = p.deliver(&reply);
+    let (got_id, Ok(Response::PRes(enc_r))) = response(&ev[0]) else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(got_id, &fwd_id);
+    assert_eq!(
+        pending.open(enc_r),
+        Ok(ProxiedResponse {
+            entity_id: snd_id.to_vec(),
+            response: Response::Ok
+        })
+    );
+
+    // A proxy-level failure arrives as ERR PROXY on the PFWD's corrId.
+    let (fwd2, _) = p
+        .client
+        .send_forwarded(p.now, &mut p.rng, &relay, &snd_id, &body, None)
+        .unwrap();
+    let block = p.transmit().unwrap();
+    p.server.recv(&block);
+    let reply = p.server.send(&[(
+        fwd2.as_bytes(),
+        &relay_sid,
+        Response::Err(ErrorType::Proxy(ProxyError::NoSession)),
+    )]);
+    let ev = p.deliver(&reply);
+    assert_eq!(
+        response(&ev[0]),
+        (
+            &fwd2,
+            &Err(CommandError::Server(ErrorType::Proxy(
+                ProxyError::NoSession
+            )))
+        )
+    );
+    // Commands relays refuse through a proxy are refused here.
+    assert!(matches!(
+        p.client
+            .send_forwarded(p.now, &mut p.rng, &relay, &snd_id, &Command::Sub, None),
+        Err(muxd_smp::connection::SendError::Forward(_))
+    ));
 }
 
 #[test]

@@ -430,10 +430,14 @@ impl Relay {
     /// Client connections of the current run refused in the TLS or SMP handshake.
     pub fn refused(&self) -> usize {
         let log = self.log();
-        ["TLS setup failed", "TLS setup timed out", "SMP handshake refused"]
-            .iter()
-            .map(|needle| log.matches(needle).count())
-            .sum()
+        [
+            "TLS setup failed",
+            "TLS setup timed out",
+            "SMP handshake refused",
+        ]
+        .iter()
+        .map(|needle| log.matches(needle).count())
+        .sum()
     }
 
     /// Kills the relay at once (SIGKILL): connections break without a goodbye.
@@ -488,9 +492,15 @@ impl Relay {
             self.log()
         );
         let address = line.trim().to_owned();
-        assert!(address.starts_with("smp://"), "unexpected address line {line:?}");
+        assert!(
+            address.starts_with("smp://"),
+            "unexpected address line {line:?}"
+        );
         if !self.address.is_empty() {
-            assert_eq!(address, self.address, "the restarted relay has another address");
+            assert_eq!(
+                address, self.address,
+                "the restarted relay has another address"
+            );
         }
         self.address = address;
         if self.websocket {

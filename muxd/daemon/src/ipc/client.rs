@@ -85,10 +85,11 @@ impl ClientHandle {
 
     /// Asks the session to end. The first call's `last` wins; later calls only re-cancel.
     pub(crate) fn close(&self, last: LastWords) {
-        if let Ok(mut slot) = self.close.last.lock() {
-            if slot.is_none() && !self.close.token.is_cancelled() {
-                *slot = Some(last);
-            }
+        if let Ok(mut slot) = self.close.last.lock()
+            && slot.is_none()
+            && !self.close.token.is_cancelled()
+        {
+            *slot = Some(last);
         }
         self.close.token.cancel();
     }
@@ -123,13 +124,14 @@ pub(crate) struct WriterEnd {
 impl WriterEnd {
     /// Closes the session from the writer's side (the socket failed); nothing more is sent.
     pub(crate) fn close_silently(&self) {
-        if let Ok(mut slot) = self.switch.last.lock() {
-            if slot.is_none() && !self.switch.token.is_cancelled() {
-                *slot = Some(LastWords {
-                    frame: None,
-                    flush: Flush::Discard(Duration::ZERO),
-                });
-            }
+        if let Ok(mut slot) = self.switch.last.lock()
+            && slot.is_none()
+            && !self.switch.token.is_cancelled()
+        {
+            *slot = Some(LastWords {
+                frame: None,
+                flush: Flush::Discard(Duration::ZERO),
+            });
         }
         self.switch.token.cancel();
     }

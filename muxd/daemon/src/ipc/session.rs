@@ -282,10 +282,10 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
         // Finish a half-written frame first, or the last frame would be unparseable. A frame
         // already dequeued but not started still belongs before the pending ones when they
         // are flushed; otherwise (a slow consumer) it is dropped with the rest.
-        if let Some((frame, written)) = interrupted {
-            if written > 0 || flush_pending {
-                writer.write_all(&frame[written..]).await?;
-            }
+        if let Some((frame, written)) = interrupted
+            && (written > 0 || flush_pending)
+        {
+            writer.write_all(&frame[written..]).await?;
         }
         if flush_pending {
             while let Ok(frame) = end.queue.try_recv() {

@@ -1,7 +1,7 @@
 //! End-to-end tests with the real binaries, in one test binary split into modules.
 
 // Test helpers outside `#[test]` functions may panic freely too.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
 mod daemon;
 mod muxctl;

@@ -1,0 +1,440 @@
+//! The relay over real sockets on 127.0.0.1, driven by the `muxd-grp` client.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE;
+use muxd_grp::block::GoodbyeReason;
+use muxd_grp::connection::{CloseReason, ConnectionConfig};
+use muxd_grp::error::GrpError;
+use muxd_grp::proxy::{ForwardKey, ProxyKey, is_palindrome};
+use muxd_grp::{HS_LEN, PREAMBLE, RECORD};
+use muxd_smp::command::{Command, NewQueue, QueueRequest, Response, ServerRef, SubscriptionMode};
+use muxd_smp::crypto::QueueAuthKey;
+use muxd_smp::e2e::{RcvMsgBody, decrypt_msg_body};
+use muxd_smp::error::{BrokerError, CmdError, ErrorType, ProxyError};
+use muxd_smp::keys::{Ed25519SecretKey, X25519PublicKey, X25519SecretKey};
+use rand_core::{OsRng, RngCore};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn encode(cmd: &Command) -> Vec<u8> {
+    let mut out = Vec::new();
+    cmd.encode(V, &mut out).unwrap();
+    out
+}
+
+fn response(cmd: &[u8]) -> Response {
+    Response::decode(V, cmd).unwrap()
+}
+
+/// A recipient's queue: keys and ids.
+struct Queue {
+    rcv_key: QueueAuthKey,
+    dh: X25519SecretKey,
+    rcv_id: Vec<u8>,
+    snd_id: Vec<u8>,
+    srv_dh: X25519PublicKey,
+}
+
+async fn new_queue(c: &mut Client, subscribe: bool) -> Queue {
+    let rcv_key = QueueAuthKey::Ed25519(Ed25519SecretKey::generate(&mut OsRng));
+    let dh = X25519SecretKey::generate(&mut OsRng);
+    let cmd = Command::New(NewQueue {
+        rcv_auth_key: rcv_key.public_key().to_spki(),
+        rcv_dh_key: dh.public_key().to_spki(),
+        basic_auth: None,
+        sub_mode: if subscribe {
+            SubscriptionMode::Subscribe
+        } else {
+            SubscriptionMode::OnlyCreate
+        },
+        queue_request: Some(QueueRequest::Messaging(None)),
+        ntf_creds: None,
+    });
+    let (_, r) = c.call(b"", &encode(&cmd), Some(&rcv_key)).await;
+    let Response::Ids(ids) = response(&r) else {
+        panic!("expected IDS, got {:?}", String::from_utf8_lossy(&r))
+    };
+    assert_eq!(ids.rcv_id.len(), 24);
+    assert_eq!(ids.snd_id.len(), 24);
+    assert_ne!(ids.rcv_id, ids.snd_id);
+    Queue {
+        rcv_key,
+        dh,
+        rcv_id: ids.rcv_id,
+        snd_id: ids.snd_id,
+        srv_dh: X25519PublicKey::from_spki(&ids.srv_dh_key).unwrap(),
+    }
+}
+
+fn prxy(dest: &grp_relay::RelayHandle) -> Vec<u8> {
+    encode(&Command::Prxy {
+        server: ServerRef {
+            hosts: vec!["127.0.0.1".into()],
+            port: dest.addresses().tcp.port().to_string(),
+            key_hash: dest.public_key().to_vec(),
+        },
+        basic_auth: None,
+    })
+}
+
+/// Sends `inner_cmd` on `snd_id` through the proxy session `pkey`; returns the inner answer.
+async fn proxied(
+    sender: &mut Client,
+    pkey: &ProxyKey,
+    d_static: [u8; 32],
+    snd_id: &[u8],
+    inner_cmd: &[u8],
+    key: Option<&QueueAuthKey>,
+) -> Result<Response, ErrorType> {
+    let mut n = [0u8; 24];
+    while {
+        OsRng.fill_bytes(&mut n);
+        is_palindrome(&n)
+    } {}
+    let k_pd = X25519PublicKey::from_bytes(pkey.auth_key);
+    let inner = transmission(&pkey.session_id, &k_pd, n, snd_id, inner_cmd, key);
+    let cmd_key = X25519SecretKey::generate(&mut OsRng);
+    let k = ForwardKey::for_client(&cmd_key, &pkey.session_id, &pkey.auth_key, &d_static).unwrap();
+    let enc = k.seal_command(&n, &inner).unwrap();
+    let pfwd = encode(&Command::PFwd {
+        version: V,
+        key: cmd_key.public_key().to_spki(),
+        enc,
+    });
+    sender.send_with(n, &pkey.session_id, &pfwd, None);
+    let (entity, r) = sender.wait_for(&n).await;
+    assert_eq!(entity, pkey.session_id, "PRES/ERR carry h_PD");
+    match response(&r) {
+        Response::PRes(enc_r) => {
+            let t = k.open_response(&n, &enc_r).unwrap();
+            let (corr, e, c) = decode(&t);
+            assert_eq!(corr, n);
+            assert_eq!(e, snd_id);
+            Ok(response(&c))
+        }
+        Response::Err(e) => Err(e),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn handshake_over_each_carrier() {
+    let relay = start(test_config(random_key())).await;
+    for via in [Via::Tcp, Via::Quic, Via::Ws] {
+        let mut c = Client::connect(&relay, via).await;
+        assert_eq!(c.cover_rate, 200, "client-link default rate");
+        let (e, r) = c.call(b"", b"PING", None).await;
+        assert!(e.is_empty());
+        assert_eq!(response(&r), Response::Pong, "{via:?}");
+        c.close();
+        assert_eq!(
+            c.wait_closed(Duration::from_secs(10)).await,
+            Some(CloseReason::Local)
+        );
+    }
+    let s = relay.snapshot();
+    assert_eq!((s.accepted_tcp, s.accepted_quic, s.accepted_ws), (1, 1, 1));
+    assert_eq!(s.client_links, 3);
+    assert_eq!(s.commands.get("PING"), Some(&3));
+    assert_eq!(s.handshake_failures, 0);
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn command_rules_on_a_client_link() {
+    let relay = start(test_config(random_key())).await;
+    let mut c = Client::connect(&relay, Via::Tcp).await;
+    let q = new_queue(&mut c, false).await;
+    let err = |r: &[u8]| match response(r) {
+        Response::Err(e) => e,
+        other => panic!("expected ERR, got {other:?}"),
+    };
+    // Direct SEND is refused: two-hop routing cannot be skipped (§9.3).
+    let (_, r) = c.call(&q.snd_id, b"SEND F hi", None).await;
+    assert_eq!(err(&r), ErrorType::Cmd(CmdError::Prohibited));
+    let (_, r) = c.call(b"", b"NKEY x", None).await;
+    assert_eq!(err(&r), ErrorType::Cmd(CmdError::Unknown));
+    let (_, r) = c.call(b"", b"RFWD x", None).await;
+    assert_eq!(err(&r), ErrorType::Cmd(CmdError::Prohibited));
+    // SUB without auth, and with a foreign key.
+    let (_, r) = c.call(&q.rcv_id, b"SUB", None).await;
+    assert_eq!(err(&r), ErrorType::Cmd(CmdError::NoAuth));
+    let other = QueueAuthKey::Ed25519(Ed25519SecretKey::generate(&mut OsRng));
+    let (_, r) = c.call(&q.rcv_id, b"SUB", Some(&other)).await;
+    assert_eq!(err(&r), ErrorType::Auth);
+    // GET then SUB on one connection is prohibited; GET on an empty queue is OK.
+    let (_, r) = c.call(&q.rcv_id, b"GET", Some(&q.rcv_key)).await;
+    assert_eq!(response(&r), Response::Ok);
+    let (_, r) = c.call(&q.rcv_id, b"SUB", Some(&q.rcv_key)).await;
+    assert_eq!(err(&r), ErrorType::Cmd(CmdError::Prohibited));
+    let (_, r) = c.call(&q.rcv_id, b"ACK \x00", Some(&q.rcv_key)).await;
+    assert_eq!(err(&r), ErrorType::NoMsg);
+    let (_, r) = c.call(b"", b"PING", Some(&q.rcv_key)).await;
+    assert_eq!(err(&r), ErrorType::Cmd(CmdError::HasAuth));
+    // PRXY to ourselves is refused.
+    let (_, r) = c.call(b"", &prxy(&relay), None).await;
+    assert_eq!(
+        err(&r),
+        ErrorType::Proxy(ProxyError::Broker(BrokerError::Host))
+    );
+    // PFWD naming no session.
+    let (_, r) = c.call(&[7u8; 32], b"PFWD \x00\x12\x00", None).await;
+    assert_eq!(err(&r), ErrorType::Proxy(ProxyError::NoSession));
+    let (_, r) = c.call(&q.rcv_id, b"DEL", Some(&q.rcv_key)).await;
+    assert_eq!(response(&r), Response::Ok);
+    let (_, r) = c.call(&q.rcv_id, b"DEL", Some(&q.rcv_key)).await;
+    assert_eq!(err(&r), ErrorType::Auth);
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn two_hop_send_round_trip() {
+    let d_secret = random_key();
+    let p_secret = random_key();
+    let mut d_cfg = test_config(d_secret);
+    d_cfg.allow_relays = vec![URL_SAFE.encode(public_of(&p_secret))];
+    let d = start(d_cfg).await;
+    let p = start(test_config(p_secret)).await;
+
+    // App A: a subscribed queue on D.
+    let mut a = Client::connect(&d, Via::Tcp).await;
+    let q = new_queue(&mut a, true).await;
+
+    // App B: only connected to P.
+    let mut b = Client::connect(&p, Via::Quic).await;
+    let (e, r) = b.call(b"", &prxy(&d), None).await;
+    assert!(e.is_empty());
+    let pkey = ProxyKey::decode(&r).unwrap();
+    assert_eq!((pkey.min_version, pkey.max_version), (18, 18));
+
+    // SKEY through P secures the queue; then a signed SEND.
+    let snd_key = QueueAuthKey::Ed25519(Ed25519SecretKey::generate(&mut OsRng));
+    let skey = encode(&Command::SKey(snd_key.public_key().to_spki()));
+    let r = proxied(&mut b, &pkey, d.public_key(), &q.snd_id, &skey, Some(&snd_key)).await;
+    assert_eq!(r, Ok(Response::Ok));
+    // An unsigned SEND to a secured queue is refused inside the box.
+    let r = proxied(&mut b, &pkey, d.public_key(), &q.snd_id, b"SEND F x", None).await;
+    assert_eq!(r, Ok(Response::Err(ErrorType::Auth)));
+    let body = b"hello over two hops".to_vec();
+    let mut send = b"SEND T ".to_vec();
+    send.extend_from_slice(&body);
+    let r = proxied(&mut b, &pkey, d.public_key(), &q.snd_id, &send, Some(&snd_key)).await;
+    assert_eq!(r, Ok(Response::Ok));
+
+    // App A gets MSG (empty corrId) and opens it.
+    let t = a.next().await.expect("MSG pushed");
+    let (corr, entity, cmd) = decode(&t);
+    assert!(corr.is_empty());
+    assert_eq!(entity, q.rcv_id);
+    let Response::Msg { msg_id, body: enc } = response(&cmd) else {
+        panic!("expected MSG")
+    };
+    assert_eq!(enc.len(), 16122);
+    let secret = q.dh.diffie_hellman(&q.srv_dh);
+    match decrypt_msg_body(&secret, &msg_id, &enc).unwrap() {
+        RcvMsgBody::Message {
+            notification,
+            body: got,
+            ..
+        } => {
+            assert!(notification);
+            assert_eq!(got, body);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let mut ack = b"ACK ".to_vec();
+    ack.push(24);
+    ack.extend_from_slice(&msg_id);
+    let (_, r) = a.call(&q.rcv_id, &ack, Some(&q.rcv_key)).await;
+    assert_eq!(response(&r), Response::Ok);
+
+    // A replayed RFWD nonce would be a duplicate; a wrong D static key fails at D.
+    let r = proxied(&mut b, &pkey, random_key(), &q.snd_id, b"SEND F x", None).await;
+    assert_eq!(
+        r,
+        Err(ErrorType::Proxy(ProxyError::Protocol(Box::new(
+            ErrorType::Crypto
+        ))))
+    );
+
+    let ds = d.snapshot();
+    let ps = p.snapshot();
+    // D never saw app B: one client link (app A), one relay link (P).
+    assert_eq!(ds.client_links, 1);
+    assert_eq!(ds.client_peers, vec![a.local]);
+    assert!(!ds.client_peers.contains(&b.local));
+    assert_eq!(ds.relay_links_in, 1);
+    assert_eq!(ds.accepted_quic, 0, "app B's QUIC carrier went to P only");
+    assert!(ds.relay_queue_ids.contains(&q.snd_id));
+    assert!(!ds.client_queue_ids.contains(&q.snd_id));
+    assert_eq!(ds.rfwd_received, 4);
+    // P never learned the queue ids or the commands inside.
+    assert!(!ps.client_queue_ids.contains(&q.snd_id));
+    assert!(!ps.relay_queue_ids.contains(&q.snd_id));
+    assert!(!ps.client_queue_ids.contains(&q.rcv_id));
+    assert!(ps.commands.get("SEND").is_none() && ps.commands.get("SKEY").is_none());
+    assert_eq!(ps.commands.get("PFWD"), Some(&4));
+    assert_eq!((ps.pfwd, ps.rfwd_sent), (4, 4));
+    assert_eq!(ps.relay_links_out, 1, "one link to D shared by every forward");
+    p.shutdown().await;
+    d.shutdown().await;
+}
+
+#[tokio::test]
+async fn relay_link_from_unlisted_key_is_refused_silently() {
+    let d = start(test_config(random_key())).await;
+    // A P that is not on D's allow-list: PRXY fails with BROKER NETWORK.
+    let p = start(test_config(random_key())).await;
+    let mut b = Client::connect(&p, Via::Tcp).await;
+    let (_, r) = b.call(b"", &prxy(&d), None).await;
+    assert_eq!(
+        response(&r),
+        Response::Err(ErrorType::Proxy(ProxyError::Broker(BrokerError::Network(
+            None
+        ))))
+    );
+
+    // Byte level: preamble + message 1 with role 'R' from an unlisted key gets no byte back,
+    // and the close comes FAIL_DELAY after message 1, the same as for garbage.
+    let unlisted = relay_link_config(&d, random_key());
+    let (_, msg1) = muxd_grp::handshake::Initiator::start(unlisted.handshake, &mut OsRng).unwrap();
+    let mut garbage = vec![0u8; HS_LEN];
+    OsRng.fill_bytes(&mut garbage);
+    let mut timings = Vec::new();
+    for m1 in [msg1, garbage] {
+        let mut s = TcpStream::connect(d.addresses().tcp).await.unwrap();
+        s.write_all(&PREAMBLE).await.unwrap();
+        s.write_all(&m1).await.unwrap();
+        let sent = Instant::now();
+        let mut buf = Vec::new();
+        let n = s.read_to_end(&mut buf).await.unwrap_or(0);
+        assert_eq!(n, 0, "nothing is sent before the handshake completes");
+        timings.push(sent.elapsed());
+    }
+    for t in &timings {
+        assert!(
+            *t >= Duration::from_millis(900) && *t < Duration::from_millis(2500),
+            "{t:?}"
+        );
+    }
+    // Through the client state machine: the initiator sees the carrier close (NETWORK).
+    let (carrier, local) = open_carrier(&d, Via::Tcp).await;
+    let r = Client::over(carrier, local, relay_link_config(&d, random_key())).await;
+    assert_eq!(r.err(), Some(CloseReason::Error(GrpError::Network)));
+    let s = d.snapshot();
+    assert_eq!(s.relay_links_in, 0);
+    assert!(s.handshake_failures >= 4, "{}", s.handshake_failures);
+    p.shutdown().await;
+    d.shutdown().await;
+}
+
+#[tokio::test]
+async fn wire_carries_only_fixed_size_units() {
+    let relay = start(test_config(random_key())).await;
+    let (proxy_addr, rec) = recording_proxy(relay.addresses().tcp).await;
+    let s = TcpStream::connect(proxy_addr).await.unwrap();
+    let local = s.local_addr().unwrap();
+    let mut cfg = ConnectionConfig::client(relay.public_key());
+    cfg.cover = Some(FAST);
+    let mut c = Client::over(
+        grp_relay::carrier::Carrier::Tcp(grp_relay::carrier::tcp::TcpCarrier::new(s)),
+        local,
+        cfg,
+    )
+    .await
+    .unwrap();
+    let q = new_queue(&mut c, true).await;
+    let (_, r) = c.call(b"", b"PING", None).await;
+    assert_eq!(response(&r), Response::Pong);
+    // A larger transmission (an unknown tag) still travels in one fixed-size record.
+    let big = vec![b'X'; 3000];
+    let (_, r) = c.call(&q.rcv_id, &big, None).await;
+    assert_eq!(
+        response(&r),
+        Response::Err(ErrorType::Cmd(CmdError::Unknown))
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.close();
+    c.wait_closed(Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let g = rec.lock().unwrap();
+    assert_eq!(&g.to_relay[..4], &PREAMBLE);
+    let after = g.to_relay.len() - 4 - HS_LEN;
+    assert_eq!(after % RECORD, 0, "client→relay: {} bytes", g.to_relay.len());
+    // NEW, PING, the big one and the goodbye, at least.
+    assert!(after / RECORD >= 4, "{} records", after / RECORD);
+    let after = g.to_client.len() - HS_LEN;
+    assert_eq!(after % RECORD, 0, "relay→client: {} bytes", g.to_client.len());
+    // IDS, PONG and ERR, each in its own record (the requests were sequential).
+    assert!(after / RECORD >= 3, "{} records", after / RECORD);
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn cover_records_flow_when_idle() {
+    let mut cfg = test_config(random_key());
+    // 2 records/s in both directions.
+    cfg.cover.min_rate = 2000;
+    cfg.cover.max_rate = 2000;
+    let relay = start(cfg).await;
+    let c = Client::connect(&relay, Via::Tcp).await;
+    assert_eq!(c.cover_rate, 2000, "clamped up to the operator minimum");
+    let before = relay.snapshot();
+    let secs = 4.0;
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    let after = relay.snapshot();
+    let sent = after.cover_sent - before.cover_sent;
+    let received = after.cover_received - before.cover_received;
+    // Poisson with mean 8: [2, 20] has probability far above 0.999.
+    for n in [sent, received] {
+        assert!((2..=20).contains(&n), "sent {sent}, received {received}");
+    }
+    assert_eq!(after.real_sent, before.real_sent, "idle: nothing but cover");
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_says_goodbye() {
+    let relay = start(test_config(random_key())).await;
+    let mut tcp = Client::connect(&relay, Via::Tcp).await;
+    let mut ws = Client::connect(&relay, Via::Ws).await;
+    let mut quic = Client::connect(&relay, Via::Quic).await;
+    let counters = relay.counters();
+    let t = Instant::now();
+    relay.shutdown().await;
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    for c in [&mut tcp, &mut ws, &mut quic] {
+        assert_eq!(
+            c.wait_closed(Duration::from_secs(5)).await,
+            Some(CloseReason::Goodbye(GoodbyeReason::Shutdown))
+        );
+    }
+    assert_eq!(counters.snapshot().goodbyes_sent, 3);
+}
+
+#[tokio::test]
+async fn websocket_refuses_other_requests_with_404() {
+    let relay = start(test_config(random_key())).await;
+    let ws = relay.addresses().ws.unwrap();
+    for (path, proto) in [("/other", "grp.1"), ("/grp", "grp.2")] {
+        let mut s = TcpStream::connect(ws).await.unwrap();
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Protocol: {proto}\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        let text = String::from_utf8_lossy(&buf);
+        assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+    }
+    relay.shutdown().await;
+}
