@@ -364,7 +364,9 @@ impl LinkCommands {
 
     fn verify(&self, key: &PublicKey, t: &Transmission<'_>, authorized: &[u8]) -> bool {
         match key {
-            PublicKey::Ed25519(k) => t.auth.len() == 64 && ed25519_verify(k, authorized, t.auth).is_ok(),
+            PublicKey::Ed25519(k) => {
+                t.auth.len() == 64 && ed25519_verify(k, authorized, t.auth).is_ok()
+            }
             PublicKey::X25519(k) => {
                 t.auth.len() == 80
                     && verify_x25519_authenticator(
@@ -381,11 +383,7 @@ impl LinkCommands {
 
     /// D's side of RFWD (§10.4): open `encT`, run the one inner SKEY/SEND as if it arrived on
     /// this link (session id `h_PD`, auth key `K_PD`), and seal the answer as `encR`.
-    fn relay_forward(
-        &mut self,
-        shared: &RelayShared,
-        body: &[u8],
-    ) -> Result<Vec<u8>, ErrorType> {
+    fn relay_forward(&mut self, shared: &RelayShared, body: &[u8]) -> Result<Vec<u8>, ErrorType> {
         shared.counters.add(Counter::RfwdReceived, 1);
         let syntax = ErrorType::Cmd(CmdError::Syntax);
         let mut p = Parser::new(body);
@@ -402,9 +400,9 @@ impl LinkCommands {
             .ok_or(syntax.clone())?;
         let enc_t = p.tail();
         if v != VERSION {
-            return Err(ErrorType::Proxy(ProxyError::Broker(BrokerError::Transport(
-                TransportError::Version,
-            ))));
+            return Err(ErrorType::Proxy(ProxyError::Broker(
+                BrokerError::Transport(TransportError::Version),
+            )));
         }
         let k = ForwardKey::for_destination(
             &self.auth_secret,
@@ -546,15 +544,24 @@ mod tests {
             check_credentials(&Command::Ping, true, false),
             Err(CmdError::HasAuth)
         );
-        assert_eq!(check_credentials(&Command::Sub, false, true), Err(CmdError::NoAuth));
-        assert_eq!(check_credentials(&Command::Sub, true, false), Err(CmdError::NoEntity));
+        assert_eq!(
+            check_credentials(&Command::Sub, false, true),
+            Err(CmdError::NoAuth)
+        );
+        assert_eq!(
+            check_credentials(&Command::Sub, true, false),
+            Err(CmdError::NoEntity)
+        );
         assert_eq!(check_credentials(&Command::Sub, true, true), Ok(()));
         let send = Command::Send {
             notification: false,
             body: vec![],
         };
         assert_eq!(check_credentials(&send, false, true), Ok(()));
-        assert_eq!(check_credentials(&send, false, false), Err(CmdError::NoEntity));
+        assert_eq!(
+            check_credentials(&send, false, false),
+            Err(CmdError::NoEntity)
+        );
         assert_eq!(tag_of(b"SEND T hello"), b"SEND");
         assert_eq!(tag_of(b"PING"), b"PING");
     }

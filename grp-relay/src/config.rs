@@ -326,7 +326,10 @@ mod tests {
     #[test]
     fn defaults_are_loopback_and_round_trip() {
         let c = Config::default();
-        for a in [c.listen.tcp, c.listen.quic, c.listen.ws].into_iter().flatten() {
+        for a in [c.listen.tcp, c.listen.quic, c.listen.ws]
+            .into_iter()
+            .flatten()
+        {
             assert!(a.ip().is_loopback(), "{a}");
         }
         let text = Config::default_toml();

@@ -2,7 +2,7 @@
 //!
 //! The protocol state machines live in `muxd-grp` (sans-IO). This crate is the IO shell an
 //! operator runs: accept loops for the three carriers ([`carrier`]), one task per link that
-//! drives a [`muxd_grp::relay::RelayLink`] with tokio time ([`server`]), the in-memory queue
+//! drives a [`muxd_grp::relay::RelayLink`] with tokio time (`server`), the in-memory queue
 //! store and the §9 command rules, and the proxy side of two-hop sending, which opens relay
 //! links to destination relays with this relay's own static key ([`proxy`]).
 //!
@@ -14,7 +14,7 @@ pub mod carrier;
 mod commands;
 pub mod config;
 mod proxy;
-pub mod server;
+mod server;
 mod shadow;
 pub mod stats;
 mod store;
@@ -31,9 +31,8 @@ use muxd_grp::handshake::ResponderConfig;
 use muxd_smp::keys::X25519SecretKey;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use zeroize::Zeroizing;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, StaticKey};
 use crate::stats::{Counters, Snapshot};
 
 /// Why a relay could not start.
@@ -66,7 +65,7 @@ pub(crate) struct RelayShared {
     /// The static key as a DH key (D's side of the PFWD key, §10.4).
     pub(crate) static_secret: X25519SecretKey,
     /// The static key as raw bytes (the initiator key of our relay links, §11).
-    pub(crate) static_raw: Zeroizing<[u8; 32]>,
+    pub(crate) static_raw: StaticKey,
     pub(crate) public_key: [u8; 32],
     pub(crate) store: store::Store,
     pub(crate) counters: Arc<Counters>,
@@ -112,7 +111,7 @@ impl Relay {
             config,
             responder: Arc::new(responder),
             static_secret,
-            static_raw,
+            static_raw: StaticKey(static_raw),
             public_key,
             counters: Arc::new(Counters::default()),
             proxy: proxy::Manager::default(),

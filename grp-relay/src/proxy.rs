@@ -6,7 +6,7 @@
 //! by its own task; forwards reach it through a channel and their answers come back on
 //! oneshots. P never opens `encT`: it only sees D's address and the timing of forwards.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -120,9 +120,7 @@ pub(crate) fn handle_prxy(
         let got = tokio::time::timeout(PROXY_TIMEOUT, link_to(&shared, d_key, host, port)).await;
         let reply = match got {
             Ok(Ok(link)) => {
-                lock(&client)
-                    .sessions
-                    .insert(link.session_id, link.clone());
+                lock(&client).sessions.insert(link.session_id, link.clone());
                 let key = ProxyKey {
                     session_id: link.session_id,
                     min_version: link.range.0,
@@ -298,7 +296,7 @@ async fn run_link(shared: Arc<RelayShared>, d_key: [u8; 32], host: String, port:
     };
     let carrier = Carrier::Tcp(TcpCarrier::new(stream));
     let cfg = ConnectionConfig {
-        handshake: InitiatorConfig::relay_link(d_key, shared.static_raw.clone()),
+        handshake: InitiatorConfig::relay_link(d_key, shared.static_raw.0.clone()),
         preamble: true,
         cover: shared.config.cover.outgoing(),
         record_limit: None,
@@ -316,13 +314,18 @@ struct OutDriver {
     rx: mpsc::UnboundedReceiver<Forward>,
     tx: Option<mpsc::UnboundedSender<Forward>>,
     /// RFWDs waiting for their answer, by P's corrId `M`.
-    pending: HashMap<[u8; 24], (oneshot::Sender<ForwardResult>, Instant)>,
+    pending: BTreeMap<[u8; 24], (oneshot::Sender<ForwardResult>, Instant)>,
     last_rfwd: Instant,
     closing: bool,
 }
 
 impl OutDriver {
-    fn new(shared: Arc<RelayShared>, d_key: [u8; 32], addr: SocketAddr, cfg: ConnectionConfig) -> Self {
+    fn new(
+        shared: Arc<RelayShared>,
+        d_key: [u8; 32],
+        addr: SocketAddr,
+        cfg: ConnectionConfig,
+    ) -> Self {
         let now = Instant::now();
         let conn = Connection::new(cfg, now, &mut OsRng);
         let (tx, rx) = mpsc::unbounded_channel();
@@ -334,7 +337,7 @@ impl OutDriver {
             link: None,
             rx,
             tx: Some(tx),
-            pending: HashMap::new(),
+            pending: BTreeMap::new(),
             last_rfwd: now,
             closing: false,
         }
@@ -408,7 +411,9 @@ impl OutDriver {
             }
             let mut wake = self.conn.poll_timeout();
             if self.link.is_some() && !self.closing {
-                wake = Some(wake.map_or(self.last_rfwd + LINK_IDLE, |w| w.min(self.last_rfwd + LINK_IDLE)));
+                wake = Some(wake.map_or(self.last_rfwd + LINK_IDLE, |w| {
+                    w.min(self.last_rfwd + LINK_IDLE)
+                }));
             }
             if let Some(first) = self.pending.values().map(|(_, d)| *d).min() {
                 wake = Some(wake.map_or(first, |w| w.min(first)));
@@ -442,7 +447,7 @@ impl OutDriver {
         }
         self.mark_dead();
         // Every PFWD still waiting on this link fails (§11).
-        for (_, (reply, _)) in self.pending.drain() {
+        for (_, (reply, _)) in std::mem::take(&mut self.pending) {
             let _ = reply.send(Err(broker(BrokerError::Network(None))));
         }
         // Forwards that raced the close.

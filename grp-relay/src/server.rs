@@ -34,10 +34,12 @@ const WRITE_STALL: Duration = Duration::from_secs(30);
 /// Binds every configured listener and spawns its accept loop.
 pub(crate) async fn listen(shared: &Arc<RelayShared>) -> Result<Addresses, StartError> {
     let listen = &shared.config.listen;
-    let bind_err = |carrier, addr| move |source| StartError::Bind {
-        carrier,
-        addr,
-        source,
+    let bind_err = |carrier, addr| {
+        move |source| StartError::Bind {
+            carrier,
+            addr,
+            source,
+        }
     };
     // `validate` guarantees TCP is configured; a missing one is still not a panic.
     let tcp_addr = listen
@@ -61,7 +63,9 @@ pub(crate) async fn listen(shared: &Arc<RelayShared>) -> Result<Addresses, Start
     };
     let ws = match listen.ws {
         Some(addr) => {
-            let l = TcpListener::bind(addr).await.map_err(bind_err("ws", addr))?;
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(bind_err("ws", addr))?;
             let local = l.local_addr().map_err(bind_err("ws", addr))?;
             shared.tracker.spawn(accept_ws(shared.clone(), l));
             Some(local)
@@ -109,7 +113,11 @@ async fn accept_quic(shared: Arc<RelayShared>, endpoint: quinn::Endpoint) {
         let peer = incoming.remote_address();
         let s = shared.clone();
         shared.tracker.spawn(async move {
-            if let Some(c) = QuicCarrier::accept(incoming, HS_TIMEOUT).await {
+            let accepted = tokio::select! {
+                () = s.shutdown.cancelled() => None,
+                c = QuicCarrier::accept(incoming, HS_TIMEOUT) => c,
+            };
+            if let Some(c) = accepted {
                 s.counters.accepted(CarrierKind::Quic);
                 serve_link(s, Carrier::Quic(c), peer).await;
             }
@@ -135,9 +143,13 @@ async fn accept_ws(shared: Arc<RelayShared>, listener: TcpListener) {
         let s = shared.clone();
         shared.tracker.spawn(async move {
             let path = s.config.listen.ws_path.clone();
-            if let Some(c) = WsCarrier::accept(stream, &path, HS_TIMEOUT).await {
+            let upgraded = tokio::select! {
+                () = s.shutdown.cancelled() => None,
+                c = WsCarrier::accept(stream, &path, HS_TIMEOUT) => c,
+            };
+            if let Some(c) = upgraded {
                 s.counters.accepted(CarrierKind::Ws);
-                serve_link(s, Carrier::Ws(c), peer).await;
+                serve_link(s, Carrier::Ws(Box::new(c)), peer).await;
             }
         });
     }
@@ -168,7 +180,12 @@ async fn serve_link(shared: Arc<RelayShared>, mut carrier: Carrier, peer: Socket
 /// last byte of message 1, or at the handshake deadline if it never arrives.
 async fn refuse_silently(carrier: &mut Carrier) {
     let deadline = tokio::time::Instant::now() + HS_TIMEOUT;
-    let want = HS_LEN + if carrier.has_preamble() { PREAMBLE.len() } else { 0 };
+    let want = HS_LEN
+        + if carrier.has_preamble() {
+            PREAMBLE.len()
+        } else {
+            0
+        };
     let mut got = 0usize;
     while got < want {
         match tokio::time::timeout_at(deadline, carrier.recv()).await {
@@ -314,7 +331,9 @@ impl LinkDriver {
         let kinds = self.shadow.classify(n_records);
         self.shared.counters.add(Counter::CoverSent, kinds.cover);
         self.shared.counters.add(Counter::RealSent, kinds.real);
-        self.shared.counters.add(Counter::GoodbyesSent, kinds.goodbye);
+        self.shared
+            .counters
+            .add(Counter::GoodbyesSent, kinds.goodbye);
         for t in &out {
             match tokio::time::timeout(WRITE_STALL, carrier.send(t)).await {
                 Ok(Ok(())) => {}

@@ -430,10 +430,11 @@ impl StoreInner {
         let idle_subscriber = q
             .subscriber()
             .filter(|c| q.holders.get(c).is_some_and(|h| h.delivered.is_none()));
-        if was_empty && let Some(conn) = idle_subscriber {
-            if let Some(msg) = self.deliver_head(conn, &rcv_id, now_unix) {
-                self.notify(conn, &rcv_id, msg);
-            }
+        if was_empty
+            && let Some(conn) = idle_subscriber
+            && let Some(msg) = self.deliver_head(conn, &rcv_id, now_unix)
+        {
+            self.notify(conn, &rcv_id, msg);
         }
         result
     }

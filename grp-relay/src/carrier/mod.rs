@@ -16,7 +16,7 @@ pub enum Carrier {
     /// QUIC's single bidirectional stream.
     Quic(quic::QuicCarrier),
     /// A WebSocket; every message is exactly one record.
-    Ws(ws::WsCarrier),
+    Ws(Box<ws::WsCarrier>),
 }
 
 impl Carrier {

@@ -64,7 +64,11 @@ impl QuicCarrier {
         Ok(Self::from_parts(conn, send, recv))
     }
 
-    fn from_parts(conn: quinn::Connection, send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
+    fn from_parts(
+        conn: quinn::Connection,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) -> Self {
         Self {
             conn,
             send,

@@ -50,6 +50,8 @@ fn offers_grp(req: &Request) -> bool {
 impl WsCarrier {
     /// Relay side: runs the upgrade on `stream` within `deadline`. A wrong path or a missing
     /// subprotocol is answered 404 with an empty body; cookies and `Origin` are ignored.
+    // The callback's error type is tungstenite's `ErrorResponse`, an HTTP response by value.
+    #[allow(clippy::result_large_err)]
     pub async fn accept(stream: TcpStream, path: &str, deadline: Duration) -> Option<Self> {
         let _ = stream.set_nodelay(true);
         let check = |req: &Request, mut resp: Response| {
@@ -133,5 +135,3 @@ impl WsCarrier {
         let _ = self.ws.close(Some(frame)).await;
     }
 }
-
-

@@ -79,8 +79,9 @@ pub async fn open_carrier(relay: &RelayHandle, via: Via) -> (Carrier, SocketAddr
             (Carrier::Tcp(TcpCarrier::new(s)), local)
         }
         Via::Quic => {
-            let ep = grp_relay::carrier::quic::client_endpoint(SocketAddr::from(([127, 0, 0, 1], 0)))
-                .unwrap();
+            let ep =
+                grp_relay::carrier::quic::client_endpoint(SocketAddr::from(([127, 0, 0, 1], 0)))
+                    .unwrap();
             let local = ep.local_addr().unwrap();
             let c = QuicCarrier::connect(&ep, a.quic.unwrap()).await.unwrap();
             // Keep the endpoint alive as long as the process: tests are short.
@@ -89,7 +90,10 @@ pub async fn open_carrier(relay: &RelayHandle, via: Via) -> (Carrier, SocketAddr
         }
         Via::Ws => {
             let c = WsCarrier::connect(a.ws.unwrap(), "/grp").await.unwrap();
-            (Carrier::Ws(c), SocketAddr::from(([0, 0, 0, 0], 0)))
+            (
+                Carrier::Ws(Box::new(c)),
+                SocketAddr::from(([0, 0, 0, 0], 0)),
+            )
         }
     }
 }
@@ -211,11 +215,7 @@ impl Client {
     }
 
     pub async fn wait_for(&mut self, corr: &[u8]) -> (Vec<u8>, Vec<u8>) {
-        if let Some(i) = self
-            .backlog
-            .iter()
-            .position(|t| decode(t).0 == corr)
-        {
+        if let Some(i) = self.backlog.iter().position(|t| decode(t).0 == corr) {
             let t = self.backlog.remove(i).unwrap();
             let (_, e, c) = decode(&t);
             return (e, c);

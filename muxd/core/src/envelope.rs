@@ -89,6 +89,81 @@ impl<'a> Envelope<'a> {
     }
 }
 
+/// The envelope seqs one queue has delivered: the highest, and which of the
+/// [`SeqWindow::SPAN`] seqs below it.
+///
+/// A seq above the highest is new. One at or below it is a copy when it was delivered or is
+/// too old to tell; one in the window that was never delivered is a message that was
+/// overtaken (the server refused it while later ones got through) and is delivered late
+/// rather than lost. Sixteen bytes per queue, for a store to persist with the messages:
+/// [`Self::from_parts`] and [`Self::high`], [`Self::below`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SeqWindow {
+    high: u64,
+    /// Bit `k` is seq `high - 1 - k`.
+    below: u64,
+}
+
+impl SeqWindow {
+    /// How many seqs below the highest the window remembers. The sender keeps at most its
+    /// send window (16 by default) in flight, which bounds how far a message can be
+    /// overtaken.
+    pub const SPAN: u64 = 64;
+
+    /// Nothing delivered yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A window restored from [`Self::high`] and [`Self::below`].
+    pub fn from_parts(high: u64, below: u64) -> Self {
+        Self { high, below }
+    }
+
+    /// The highest seq delivered; 0 before the first.
+    pub fn high(&self) -> u64 {
+        self.high
+    }
+
+    /// Which of the [`Self::SPAN`] seqs below [`Self::high`] were delivered: bit `k` stands
+    /// for seq `high - 1 - k`.
+    pub fn below(&self) -> u64 {
+        self.below
+    }
+
+    /// Whether `seq` was not delivered yet (and is recent enough to tell).
+    pub fn is_new(&self, seq: u64) -> bool {
+        if seq > self.high {
+            return true;
+        }
+        let k = self.high - seq;
+        // k == 0 is the highest itself; beyond the window everything counts as delivered.
+        k > 0 && k <= Self::SPAN && self.below & (1 << (k - 1)) == 0
+    }
+
+    /// Records `seq` as delivered; `false` (and no change) when it was not new.
+    pub fn record(&mut self, seq: u64) -> bool {
+        if !self.is_new(seq) {
+            return false;
+        }
+        if seq > self.high {
+            let shift = u32::try_from(seq - self.high).unwrap_or(u32::MAX);
+            // The old highest moves into the window at `shift - 1` (seq 0, before the first
+            // message, is never a seq and is left out).
+            let old_high = if self.high > 0 {
+                1u64.checked_shl(shift - 1).unwrap_or(0)
+            } else {
+                0
+            };
+            self.below = self.below.checked_shl(shift).unwrap_or(0) | old_high;
+            self.high = seq;
+        } else {
+            self.below |= 1 << (self.high - seq - 1);
+        }
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +202,31 @@ mod tests {
             Envelope::decode(b"M\x01\0\0\0\0\0\0\0\0payload"),
             Err(EnvelopeError::ZeroSeq)
         );
+    }
+
+    #[test]
+    fn seq_window_tells_new_from_copies() {
+        let mut w = SeqWindow::new();
+        assert!(!w.is_new(0), "seq 0 is never a message");
+        assert!(w.record(1) && w.record(2));
+        assert!(!w.record(2) && !w.record(1), "copies");
+        // 3 and 4 are overtaken by 5: delivered late, each once.
+        assert!(w.record(5));
+        assert_eq!((w.high(), w.below()), (5, 0b1100));
+        assert!(w.is_new(3) && w.is_new(4));
+        assert!(w.record(4));
+        assert!(!w.record(4));
+        assert_eq!(SeqWindow::from_parts(w.high(), w.below()), w);
+        // A jump of exactly the span keeps the old highest at the window's edge.
+        assert!(w.record(5 + SeqWindow::SPAN));
+        assert!(!w.is_new(5) && w.is_new(6));
+        assert!(!w.is_new(4), "beyond the window counts as delivered");
+        // A far jump forgets the window.
+        assert!(w.record(1000));
+        assert_eq!(w.below(), 0);
+        assert!(!w.is_new(1000 - SeqWindow::SPAN - 1));
+        assert!(w.is_new(1000 - SeqWindow::SPAN) && w.is_new(999));
+        assert!(w.record(u64::MAX) && !w.is_new(u64::MAX));
     }
 
     #[test]

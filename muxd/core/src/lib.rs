@@ -5,6 +5,10 @@
 //! per-queue end-to-end encryption, receiving, decrypting and keeping messages until the
 //! app acknowledges them.
 //!
+//! Inside the e2e envelope every message carries muxd's app [`Envelope`]: a per-queue
+//! sender seq that turns SMP's at-least-once SEND (a resend after a lost OK stores a second
+//! copy) into exactly-once, in-order delivery to apps (`docs/envelope.md`).
+//!
 //! This crate does **no** IO, reads **no** clock and draws **no** randomness by itself. The
 //! daemon passes in app requests, transport events and blocks, the current `Instant` and an
 //! RNG, and carries out the [`Action`]s the pool asks for (connect, write a block, close,
@@ -14,6 +18,7 @@
 #![warn(missing_docs)]
 
 mod config;
+mod envelope;
 mod error;
 mod mailbox;
 mod pool;
@@ -23,8 +28,11 @@ mod sender;
 mod server;
 
 pub use config::{PoolConfig, ServerPolicy};
+pub use envelope::{
+    ENVELOPE_OVERHEAD, ENVELOPE_TAG, ENVELOPE_VERSION, Envelope, EnvelopeError, SeqWindow,
+};
 pub use error::PoolError;
-pub use mailbox::{Mailbox, MemoryMailbox, REMEMBERED_ACKS, ReceivedMessage};
+pub use mailbox::{Delivery, Mailbox, MemoryMailbox, REMEMBERED_ACKS, ReceivedMessage};
 pub use pool::{MAX_BODY_LEN, Pool};
 pub use request::{
     Action, PoolEvent, PoolReply, PoolRequest, QueueInfo, RequestToken, Subscription,

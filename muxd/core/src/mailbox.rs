@@ -5,6 +5,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use crate::envelope::SeqWindow;
+
 /// How many ids of already acknowledged messages a [`MemoryMailbox`] remembers per queue.
 ///
 /// A server re-delivers a message when our ACK got lost (a disconnect between storing it and
@@ -29,19 +31,19 @@ pub struct ReceivedMessage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Delivery {
-    /// Stored for the app; the queue's high-water mark is now its seq.
+    /// Stored for the app, and its seq recorded.
     New,
-    /// Already delivered (seq at or below the high-water mark, or a known msgId): nothing
+    /// Already delivered (a seq the queue's [`SeqWindow`] knows, or a known msgId): nothing
     /// stored, the pool only ACKs it.
     Duplicate,
 }
 
 /// Storage for received messages, per queue, oldest first.
 ///
-/// For exactly-once delivery the store also keeps, per queue, the highest sender seq it
-/// delivered (see `docs/envelope.md`). A durable store must write that mark in the same
-/// commit as the message ([`Self::deliver`]): a crash between the two would either lose the
-/// message or let its resent copy through.
+/// For exactly-once delivery the store also keeps, per queue, which sender seqs it delivered
+/// (a [`SeqWindow`], see `docs/envelope.md`). A durable store must write the window in the
+/// same commit as the message ([`Self::deliver`]): a crash between the two would either lose
+/// the message or let its resent copy through.
 pub trait Mailbox {
     /// Stores `message` at the end of its queue. Returns `false` (and stores nothing) when a
     /// message with the same `msg_id` is already stored or was recently removed: servers
@@ -61,14 +63,14 @@ pub trait Mailbox {
     fn remove_queue(&mut self, queue_id: &str);
 
     /// Stores `message`, which carried the sender's sequence number `seq`, unless it was
-    /// already delivered: `seq` is at or below the queue's high-water mark (the sender resent
-    /// a message whose OK was lost), or its `msg_id` is known (the server re-delivered a
-    /// message whose ACK was lost). On [`Delivery::New`] the mark becomes `seq`.
+    /// already delivered: the queue's [`SeqWindow`] knows `seq` (the sender resent a message
+    /// whose OK was lost), or its `msg_id` is known (the server re-delivered a message whose
+    /// ACK was lost). On [`Delivery::New`] the window records `seq`.
     ///
-    /// The default only checks the `msg_id` (through [`Self::insert`]) and keeps no mark; the
-    /// pool keeps one in memory in front of it, so that suffices while the daemon runs. A
+    /// The default only checks the `msg_id` (through [`Self::insert`]) and keeps no window;
+    /// the pool keeps one in memory in front of it, so that suffices while the daemon runs. A
     /// store that must stay exactly-once across restarts overrides this and
-    /// [`Self::delivered_seq`], checking and writing both in one transaction.
+    /// [`Self::delivered_seqs`], checking and writing both in one transaction.
     fn deliver(&mut self, message: ReceivedMessage, seq: u64) -> Delivery {
         let _ = seq;
         if self.insert(message) {
@@ -78,9 +80,8 @@ pub trait Mailbox {
         }
     }
 
-    /// The queue's high-water mark: the highest seq [`Self::deliver`] stored, `None` when
-    /// nothing was delivered yet or the store does not keep marks.
-    fn delivered_seq(&self, queue_id: &str) -> Option<u64> {
+    /// The seqs [`Self::deliver`] stored for the queue; `None` when the store keeps none.
+    fn delivered_seqs(&self, queue_id: &str) -> Option<SeqWindow> {
         let _ = queue_id;
         None
     }
@@ -96,8 +97,8 @@ pub struct MemoryMailbox {
 struct Slot {
     waiting: VecDeque<ReceivedMessage>,
     removed: VecDeque<String>,
-    /// The highest seq delivered; 0 before the first (seqs start at 1).
-    high_water: u64,
+    /// The seqs delivered.
+    seqs: SeqWindow,
 }
 
 impl Slot {
@@ -157,19 +158,16 @@ impl Mailbox for MemoryMailbox {
 
     fn deliver(&mut self, message: ReceivedMessage, seq: u64) -> Delivery {
         let slot = self.queues.entry(message.queue_id.clone()).or_default();
-        // The mark and the message change together, as a durable store commits them.
-        if seq <= slot.high_water || !slot.push(message) {
+        // The window and the message change together, as a durable store commits them.
+        if !slot.seqs.is_new(seq) || !slot.push(message) {
             return Delivery::Duplicate;
         }
-        slot.high_water = seq;
+        slot.seqs.record(seq);
         Delivery::New
     }
 
-    fn delivered_seq(&self, queue_id: &str) -> Option<u64> {
-        self.queues
-            .get(queue_id)
-            .map(|s| s.high_water)
-            .filter(|&h| h > 0)
+    fn delivered_seqs(&self, queue_id: &str) -> Option<SeqWindow> {
+        self.queues.get(queue_id).map(|s| s.seqs)
     }
 }
 
@@ -215,34 +213,35 @@ mod tests {
     }
 
     #[test]
-    fn deliver_keeps_a_high_water_mark_per_queue() {
+    fn deliver_keeps_the_delivered_seqs_per_queue() {
         let mut m = MemoryMailbox::new();
-        assert_eq!(m.delivered_seq("q"), None);
+        assert_eq!(m.delivered_seqs("q"), None);
         assert_eq!(m.deliver(msg("a"), 1), Delivery::New);
         assert_eq!(m.deliver(msg("b"), 2), Delivery::New);
         // The sender resent seq 2 (its OK was lost): a new msgId, the same seq.
         assert_eq!(m.deliver(msg("b2"), 2), Delivery::Duplicate);
         assert_eq!(m.deliver(msg("old"), 1), Delivery::Duplicate);
-        // A gap (a message the sender gave up on) is fine; the mark jumps.
+        // 3 was overtaken by 5: it comes late, once.
         assert_eq!(m.deliver(msg("e"), 5), Delivery::New);
-        assert_eq!(m.deliver(msg("c"), 3), Delivery::Duplicate);
-        assert_eq!(m.delivered_seq("q"), Some(5));
-        // The server re-delivered a msgId with a higher seq: still one copy.
+        assert_eq!(m.deliver(msg("c"), 3), Delivery::New);
+        assert_eq!(m.deliver(msg("c2"), 3), Delivery::Duplicate);
+        assert_eq!(m.delivered_seqs("q").map(|w| w.high()), Some(5));
+        // The server re-delivered a msgId with a higher seq: still one copy, no seq recorded.
         assert_eq!(m.deliver(msg("e"), 6), Delivery::Duplicate);
-        assert_eq!(m.delivered_seq("q"), Some(5), "a refused message moves no mark");
+        assert!(m.delivered_seqs("q").unwrap().is_new(6));
         let ids: Vec<String> = m.peek("q", 10).into_iter().map(|x| x.msg_id).collect();
-        assert_eq!(ids, ["a", "b", "e"]);
-        // Another queue has its own mark.
+        assert_eq!(ids, ["a", "b", "e", "c"]);
+        // Another queue has its own seqs.
         let mut other = msg("a");
         other.queue_id = "r".into();
         assert_eq!(m.deliver(other, 1), Delivery::New);
-        // The mark outlives the app's acks, and goes with the queue.
-        for id in ["a", "b", "e"] {
+        // The seqs outlive the app's acks, and go with the queue.
+        for id in ["a", "b", "e", "c"] {
             assert!(m.remove("q", id));
         }
         assert_eq!(m.deliver(msg("f"), 5), Delivery::Duplicate);
         m.remove_queue("q");
-        assert_eq!(m.delivered_seq("q"), None);
+        assert_eq!(m.delivered_seqs("q"), None);
     }
 
     /// A store that does not override `deliver` still refuses a known msgId.
@@ -271,6 +270,6 @@ mod tests {
         assert_eq!(p.deliver(msg("a"), 1), Delivery::New);
         assert_eq!(p.deliver(msg("a"), 1), Delivery::Duplicate);
         assert_eq!(p.deliver(msg("b"), 1), Delivery::New, "no mark kept");
-        assert_eq!(p.delivered_seq("q"), None);
+        assert_eq!(p.delivered_seqs("q"), None);
     }
 }

@@ -20,8 +20,9 @@ use muxd_smp::keys::{Ed25519SecretKey, X25519PublicKey, X25519SecretKey};
 use rand_core::{CryptoRng, RngCore};
 
 use crate::config::PoolConfig;
+use crate::envelope::{ENVELOPE_OVERHEAD, Envelope, EnvelopeError, SeqWindow};
 use crate::error::PoolError;
-use crate::mailbox::{Mailbox, MemoryMailbox, ReceivedMessage};
+use crate::mailbox::{Delivery, Mailbox, MemoryMailbox, ReceivedMessage};
 use crate::queue::{NewQueueKeys, Opened, RcvQueue};
 use crate::request::{
     Action, PoolEvent, PoolReply, PoolRequest, QueueInfo, RequestToken, Subscription,
@@ -34,10 +35,11 @@ use crate::server::{
 /// The longest message body an app may send.
 ///
 /// The first message to a queue travels as the confirmation, whose envelope is padded to
-/// 15904 bytes: less the 2-byte padding length and, in the legacy flow, the private header
-/// `'K' ss(44-byte key)`, that leaves 15856 bytes. Later messages could be a little longer, but one
-/// limit for every message keeps a send from failing only because it happened to be first.
-pub const MAX_BODY_LEN: usize = E2E_CONFIRMATION_PAD - 2 - (1 + 1 + 44);
+/// 15904 bytes: less the 2-byte padding length, in the legacy flow the private header
+/// `'K' ss(44-byte key)`, and muxd's 10-byte app envelope (`docs/envelope.md`), that leaves
+/// 15846 bytes. Later messages could be a little longer, but one limit for every message
+/// keeps a send from failing only because it happened to be first.
+pub const MAX_BODY_LEN: usize = E2E_CONFIRMATION_PAD - 2 - (1 + 1 + 44) - ENVELOPE_OVERHEAD;
 
 /// The SMP client versions our queue URIs offer (`v=2-4`: every host in the authority,
 /// sender may secure, short-link aware).
@@ -99,8 +101,10 @@ fn live(subscription: Subscription) -> bool {
 /// Every transition is a [`PoolEvent::ServerChanged`]. A loss fails queue creations and
 /// deletions that waited for the connection; messages to send wait (up to
 /// [`PoolConfig::send_timeout`]) and go out after the reconnect in per-queue order. A
-/// message whose OK was lost with the connection is sent again, so it may reach the
-/// recipient twice; none is lost. Identity mismatches and version gaps go to `lost` at once
+/// message whose OK was lost with the connection is sent again with the same envelope seq
+/// (`docs/envelope.md`): the server may store it twice, and the receiving pool drops the
+/// second copy ([`duplicates_suppressed`](Self::duplicates_suppressed)), so apps see every
+/// message exactly once and in order. Identity mismatches and version gaps go to `lost` at once
 /// (no retry loop) and fail what waits. Keep-alive, lag history and idle disconnect follow
 /// each server's [`crate::ServerPolicy`].
 #[derive(Debug)]
@@ -114,6 +118,9 @@ pub struct Pool<M: Mailbox = MemoryMailbox> {
     mailbox: M,
     actions: VecDeque<Action>,
     next_seq: u64,
+    /// Totals over every queue the pool ever had (deleted ones included).
+    duplicates_suppressed: u64,
+    malformed_rejected: u64,
 }
 
 impl Pool<MemoryMailbox> {
@@ -134,12 +141,28 @@ impl<M: Mailbox> Pool<M> {
             mailbox,
             actions: VecDeque::new(),
             next_seq: 1,
+            duplicates_suppressed: 0,
+            malformed_rejected: 0,
         }
     }
 
     /// The message store.
     pub fn mailbox(&self) -> &M {
         &self.mailbox
+    }
+
+    /// Received messages dropped because they were already delivered (a resent copy, or a
+    /// re-delivery after a lost ACK), over all queues since the pool started. Per queue:
+    /// [`QueueInfo::duplicates_suppressed`].
+    pub fn duplicates_suppressed(&self) -> u64 {
+        self.duplicates_suppressed
+    }
+
+    /// Received messages acknowledged and dropped because they did not carry a muxd app
+    /// envelope this pool reads, over all queues since the pool started. Per queue:
+    /// [`QueueInfo::malformed_rejected`].
+    pub fn malformed_rejected(&self) -> u64 {
+        self.malformed_rejected
     }
 
     /// One entry per server the pool knows, in a stable order.
@@ -227,6 +250,8 @@ impl<M: Mailbox> Pool<M> {
             waiting: self.mailbox.count(id),
             subscription: q.subscription,
             last_error: q.last_error.clone(),
+            duplicates_suppressed: q.duplicates_suppressed,
+            malformed_rejected: q.malformed_rejected,
         }
     }
 
@@ -626,8 +651,11 @@ impl<M: Mailbox> Pool<M> {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
+        let envelope_seq = sender.next_envelope_seq();
         sender.outbox.push_back(OutMsg {
             seq,
+            envelope_seq,
+            maybe_stored: false,
             token,
             body,
             state: OutState::Queued,
@@ -1053,24 +1081,41 @@ impl<M: Mailbox> Pool<M> {
                 }
             }
         }
+        // A message the server may already hold travels alone, so that a refusal (QUOTA)
+        // cannot let the ones behind it overtake it: the recipient would still get it once,
+        // but late. Refusals of fresh messages are covered by `cautious`.
+        if s.outbox
+            .iter()
+            .any(|m| m.maybe_stored && matches!(m.state, OutState::InFlight(_)))
+        {
+            return;
+        }
         // One message at a time while the outcome of the previous one decides how the next
-        // is sent (confirmation, recipient not yet secured, retry after an error).
-        let window = if s.confirmation != Confirmation::Confirmed || s.cautious {
-            1
-        } else {
-            self.config.send_window.max(1)
-        };
+        // is sent (confirmation, recipient not yet secured, retry after an error). In the
+        // legacy flow a message refused before the recipient's KEY would otherwise be
+        // overtaken by the ones behind it once the KEY lands, and arrive out of order.
+        let window =
+            if s.confirmation != Confirmation::Confirmed || s.cautious || s.secured != Secured::Yes
+            {
+                1
+            } else {
+                self.config.send_window.max(1)
+            };
         let mut in_flight = s.in_flight();
         let mut failed = Vec::new();
         for i in 0..s.outbox.len() {
             if in_flight >= window {
                 break;
             }
-            let msg = &s.outbox[i];
-            if msg.state != OutState::Queued {
+            if s.outbox[i].state != OutState::Queued {
                 continue;
             }
-            let (body, kind) = match s.seal(rng, fast, &msg.body) {
+            let alone = s.outbox[i].maybe_stored;
+            if alone && in_flight > 0 {
+                break;
+            }
+            let msg = &s.outbox[i];
+            let (body, kind) = match s.seal(rng, fast, msg.envelope_seq, &msg.body) {
                 Ok(sealed) => sealed,
                 Err(e) => {
                     failed.push((msg.seq, format!("sealing the message: {e}")));
@@ -1100,7 +1145,7 @@ impl<M: Mailbox> Pool<M> {
                 Ok(_) => {
                     s.outbox[i].state = OutState::InFlight(kind);
                     in_flight += 1;
-                    if matches!(kind, SendKind::Confirmation { .. }) {
+                    if alone || matches!(kind, SendKind::Confirmation { .. }) {
                         break;
                     }
                 }
@@ -1499,6 +1544,9 @@ impl<M: Mailbox> Pool<M> {
             uri: uri.to_string(),
             subscription: Subscription::Subscribed,
             last_error: None,
+            delivered: SeqWindow::new(),
+            duplicates_suppressed: 0,
+            malformed_rejected: 0,
         };
         let info = self.info(&queue_id, &queue);
         tracing::debug!(server = %key, %queue_id, app = %queue.app, "queue created");
@@ -1533,21 +1581,36 @@ impl<M: Mailbox> Pool<M> {
                 body,
                 secure_with: k,
             } => {
+                // A legacy confirmation is honoured even when its copy is dropped below: the
+                // queue still has to be secured with the sender's key.
                 if !q.secured {
                     secure_with = k;
                 }
-                let message = ReceivedMessage {
-                    queue_id: queue_id.clone(),
-                    msg_id: base64url_encode(msg_id),
-                    ts,
-                    body,
-                };
-                if self.mailbox.insert(message) {
-                    self.actions
-                        .push_back(Action::Event(PoolEvent::MessageArrived {
-                            app: q.app.clone(),
-                            queue_id: queue_id.clone(),
-                        }));
+                let id = base64url_encode(msg_id);
+                match admit(&mut self.mailbox, q, &queue_id, id, ts, &body) {
+                    Admitted::New { late } => {
+                        if late {
+                            // Possible only when the server refused it while later messages
+                            // got through; delivered out of order rather than lost.
+                            tracing::info!(server = %key, %queue_id, "a message arrived late");
+                        }
+                        self.actions
+                            .push_back(Action::Event(PoolEvent::MessageArrived {
+                                app: q.app.clone(),
+                                queue_id: queue_id.clone(),
+                            }));
+                    }
+                    Admitted::Duplicate { seq } => {
+                        tracing::debug!(server = %key, %queue_id, seq, "dropping a copy");
+                        q.duplicates_suppressed += 1;
+                        self.duplicates_suppressed += 1;
+                    }
+                    Admitted::Malformed(e) => {
+                        tracing::warn!(server = %key, %queue_id, error = %e, "dropping a message");
+                        q.last_error = Some(format!("dropped a message: {e}"));
+                        q.malformed_rejected += 1;
+                        self.malformed_rejected += 1;
+                    }
                 }
             }
             Opened::Undecryptable(reason) => {
@@ -1664,6 +1727,7 @@ impl<M: Mailbox> Pool<M> {
                 if matches!(kind, SendKind::Confirmation { .. }) {
                     s.confirmation = Confirmation::Unknown;
                 }
+                s.outbox[pos].maybe_stored = true;
                 s.outbox[pos].state = OutState::Queued;
                 s.cautious = true;
                 s.retry_at = Some(now + self.config.auth_retry_delay);
@@ -1855,6 +1919,56 @@ impl<M: Mailbox> Pool<M> {
 
     fn reply(&mut self, token: RequestToken, result: Result<PoolReply, PoolError>) {
         self.actions.push_back(Action::Reply { token, result });
+    }
+}
+
+/// What became of a decrypted message on one of the apps' queues.
+#[derive(Debug)]
+enum Admitted {
+    /// Delivered; `late` when a higher seq came first (it was overtaken).
+    New {
+        late: bool,
+    },
+    /// A seq already delivered: a copy.
+    Duplicate {
+        seq: u64,
+    },
+    Malformed(EnvelopeError),
+}
+
+/// Unwraps the app envelope and hands the payload to the mailbox unless it is a copy. The
+/// pool's own window catches copies even with a mailbox that keeps none; the mailbox's
+/// covers what it persisted before a restart.
+fn admit<M: Mailbox>(
+    mailbox: &mut M,
+    q: &mut RcvQueue,
+    queue_id: &str,
+    msg_id: String,
+    ts: i64,
+    body: &[u8],
+) -> Admitted {
+    let env = match Envelope::decode(body) {
+        Ok(env) => env,
+        Err(e) => return Admitted::Malformed(e),
+    };
+    let stored = mailbox.delivered_seqs(queue_id);
+    if !q.delivered.is_new(env.seq) || stored.is_some_and(|w| !w.is_new(env.seq)) {
+        return Admitted::Duplicate { seq: env.seq };
+    }
+    let late = env.seq < q.delivered.high().max(stored.map_or(0, |w| w.high()));
+    let message = ReceivedMessage {
+        queue_id: queue_id.to_owned(),
+        msg_id,
+        ts,
+        body: env.payload.to_vec(),
+    };
+    match mailbox.deliver(message, env.seq) {
+        Delivery::New => {
+            q.delivered.record(env.seq);
+            Admitted::New { late }
+        }
+        // The mailbox knew the msgId (a re-delivery after a lost ACK).
+        Delivery::Duplicate => Admitted::Duplicate { seq: env.seq },
     }
 }
 

@@ -4,6 +4,7 @@ use muxd_smp::crypto::QueueAuthKey;
 use muxd_smp::e2e::{self, ClientMsgEnvelope, PrivHeader, RcvMsgBody};
 use muxd_smp::keys::{DhSecret, Ed25519SecretKey, PublicKey, X25519SecretKey};
 
+use crate::envelope::SeqWindow;
 use crate::request::{RequestToken, Subscription};
 use crate::server::ServerKey;
 
@@ -38,6 +39,12 @@ pub(crate) struct RcvQueue {
     pub(crate) uri: String,
     pub(crate) subscription: Subscription,
     pub(crate) last_error: Option<String>,
+    /// The envelope seqs delivered to the mailbox. The queue is secured by one sender key
+    /// (or, legacy and contact queues, meant for one sender), so one window per queue is one
+    /// window per sender.
+    pub(crate) delivered: SeqWindow,
+    pub(crate) duplicates_suppressed: u64,
+    pub(crate) malformed_rejected: u64,
 }
 
 /// What a `MSG` on a queue turned out to be.

@@ -93,6 +93,12 @@ pub struct QueueInfo {
     pub subscription: Subscription,
     /// The last problem with this queue (a lost connection, an undecryptable message).
     pub last_error: Option<String>,
+    /// Messages dropped because they were already delivered: a copy the sender resent after
+    /// its OK was lost, or a re-delivery after our ACK was lost.
+    pub duplicates_suppressed: u64,
+    /// Messages acknowledged and dropped because they carried no muxd app envelope this pool
+    /// reads (`docs/envelope.md`).
+    pub malformed_rejected: u64,
 }
 
 /// Something the driver must do, or pass on.

@@ -68,8 +68,7 @@ pub(crate) struct OutMsg {
     /// The pool's id of the message (unique in the pool, the `message_id` of the reply).
     pub(crate) seq: u64,
     /// The seq in the app envelope, per destination queue: fixed when the app handed the
-    /// message over so that a resend carries it again. Only a message the server
-    /// definitely refused may get a new one (see [`SndQueue::stamp`]).
+    /// message over, so that every resend carries it again.
     pub(crate) envelope_seq: u64,
     /// An earlier attempt's outcome is unknown (the connection died or the command timed
     /// out before the answer): the server may hold a copy.
@@ -100,8 +99,6 @@ pub(crate) struct SndQueue {
     pub(crate) retry_at: Option<Instant>,
     /// The next envelope seq to hand out; starts at 1.
     next_envelope_seq: u64,
-    /// The highest envelope seq ever put on the wire: the server may hold it.
-    sent_high: u64,
 }
 
 impl SndQueue {
@@ -125,7 +122,6 @@ impl SndQueue {
             cautious: false,
             retry_at: None,
             next_envelope_seq: 1,
-            sent_high: 0,
         }
     }
 
@@ -134,26 +130,6 @@ impl SndQueue {
         let seq = self.next_envelope_seq;
         self.next_envelope_seq += 1;
         seq
-    }
-
-    /// Fixes the envelope seq of the outbox entry `i` just before it goes on the wire, and
-    /// returns it.
-    ///
-    /// The recipient drops every seq at or below the highest it delivered, so a message must
-    /// never reach the server after one with a higher seq unless it is a copy of something
-    /// already there. A message the server refused outright (QUOTA, AUTH) while later ones
-    /// were in flight can be overtaken by them; it was not stored, so it safely takes a fresh
-    /// seq above everything sent. A message that may be stored keeps its seq: a second copy
-    /// must be recognisable as one.
-    pub(crate) fn stamp(&mut self, i: usize) -> Option<u64> {
-        let next = self.next_envelope_seq;
-        let msg = self.outbox.get_mut(i)?;
-        if !msg.maybe_stored && msg.envelope_seq < self.sent_high {
-            msg.envelope_seq = next;
-            self.next_envelope_seq += 1;
-        }
-        self.sent_high = self.sent_high.max(msg.envelope_seq);
-        Some(msg.envelope_seq)
     }
 
     /// Whether a later URI names the same queue keys.
@@ -249,5 +225,81 @@ impl SndQueue {
         }
         self.cautious = false;
         self.retry_at = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use muxd_smp::address::{SmpServer, VersionRange};
+    use rand_chacha::ChaCha20Rng;
+    use rand_chacha::rand_core::SeedableRng;
+
+    use super::*;
+
+    fn queue() -> SndQueue {
+        let mut rng = ChaCha20Rng::seed_from_u64(1);
+        let recipient = X25519SecretKey::generate(&mut rng).public_key();
+        let uri = QueueUri {
+            server: SmpServer {
+                key_hash: vec![0; 32],
+                basic_auth: None,
+                hosts: vec!["relay.test".into()],
+                port: None,
+            },
+            sender_id: vec![1],
+            client_versions: VersionRange { min: 2, max: 4 },
+            dh_key: recipient.to_spki(),
+            queue_mode: Some(QueueMode::Messaging),
+        };
+        SndQueue::new(&mut rng, &uri, recipient)
+    }
+
+    fn push(q: &mut SndQueue) {
+        let envelope_seq = q.next_envelope_seq();
+        q.outbox.push_back(OutMsg {
+            seq: 100 + envelope_seq,
+            envelope_seq,
+            maybe_stored: false,
+            token: RequestToken(envelope_seq),
+            body: Vec::new(),
+            state: OutState::Queued,
+            retries: 0,
+            queued_at: Instant::now(),
+        });
+    }
+
+    #[test]
+    fn seqs_count_from_one_and_a_loss_marks_what_was_in_flight() {
+        let mut q = queue();
+        for _ in 0..3 {
+            push(&mut q);
+        }
+        let seqs: Vec<u64> = q.outbox.iter().map(|m| m.envelope_seq).collect();
+        assert_eq!(seqs, [1, 2, 3]);
+        q.outbox[0].state = OutState::InFlight(SendKind::Message);
+        q.outbox[1].state = OutState::InFlight(SendKind::Message);
+        q.reset_after_loss();
+        let marks: Vec<bool> = q.outbox.iter().map(|m| m.maybe_stored).collect();
+        assert_eq!(marks, [true, true, false], "only what was on the wire");
+        assert!(q.outbox.iter().all(|m| m.state == OutState::Queued));
+    }
+
+    #[test]
+    fn the_seq_travels_inside_the_sealed_message() {
+        let mut rng = ChaCha20Rng::seed_from_u64(2);
+        let mut q = queue();
+        q.confirmation = Confirmation::Confirmed;
+        let (sealed, kind) = q.seal(&mut rng, true, 7, b"hi").unwrap();
+        assert_eq!(kind, SendKind::Message);
+        let env = ClientMsgEnvelope::decode(&sealed).unwrap();
+        let msg = env.open(&q.e2e_secret).unwrap();
+        assert_eq!(
+            msg.body,
+            Envelope {
+                seq: 7,
+                payload: b"hi"
+            }
+            .to_bytes()
+        );
     }
 }

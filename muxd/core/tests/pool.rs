@@ -8,9 +8,14 @@ mod support;
 use std::time::Duration;
 
 use muxd_core::{
-    ConnState, Jitter, MAX_BODY_LEN, PoolConfig, PoolError, PoolEvent, PoolReply, PoolRequest,
-    ServerPolicy, Subscription,
+    ConnState, Envelope, Jitter, MAX_BODY_LEN, PoolConfig, PoolError, PoolEvent, PoolReply,
+    PoolRequest, ServerPolicy, Subscription,
 };
+use muxd_smp::address::QueueUri;
+use muxd_smp::e2e::{ClientMessage, ClientMsgEnvelope, PrivHeader};
+use muxd_smp::keys::{X25519PublicKey, X25519SecretKey};
+use rand_chacha::ChaCha20Rng;
+use rand_chacha::rand_core::SeedableRng;
 use support::Net;
 
 fn sent(net: &Net, token: muxd_core::RequestToken) -> String {
@@ -224,6 +229,81 @@ fn long_runs_keep_their_order_through_quota_retries() {
     assert_eq!(bodies(&net, "alice", &queue_id), want);
 }
 
+/// What a sender other than the pool would SEND to the queue of `uri`: a confirmation whose
+/// private body is exactly `body` (so it may carry any app envelope, or none).
+fn foreign_send(rng: &mut ChaCha20Rng, uri: &str, body: Vec<u8>) -> Vec<u8> {
+    let uri: QueueUri = uri.parse().unwrap();
+    let recipient = X25519PublicKey::from_spki(&uri.dh_key).unwrap();
+    let sender = X25519SecretKey::generate(rng);
+    let msg = ClientMessage {
+        header: PrivHeader::Empty,
+        body,
+    };
+    ClientMsgEnvelope::seal_confirmation(rng, 4, &sender, &recipient, &msg)
+        .unwrap()
+        .encode()
+        .unwrap()
+}
+
+#[test]
+fn envelopes_are_checked_and_copies_dropped_by_seq() {
+    let mut net = Net::new(18, 30);
+    let (queue_id, uri) = net.create_queue("alice");
+    let rcv_id = Net::rcv_id(&queue_id);
+    let mut rng = ChaCha20Rng::seed_from_u64(30);
+    let env = |seq: u64, payload: &[u8]| Envelope { seq, payload }.to_bytes();
+    let mut version_2 = env(2, b"from the future");
+    version_2[1] = 2;
+    let arrivals = [
+        env(1, b"one"),
+        b"a SimpleX agent message".to_vec(),
+        env(1, b"one, resent"),
+        version_2,
+        // 2 was overtaken by 3 (refused, then resent): late, but once.
+        env(3, b"three"),
+        env(2, b"two, late"),
+        env(2, b"two, resent"),
+        env(4, b""),
+        // A gap (the sender gave up on 5..99); then something older than the window.
+        env(100, b"hundred"),
+        env(20, b"too old to tell"),
+    ];
+    for body in arrivals {
+        let sealed = foreign_send(&mut rng, &uri, body);
+        let out = net.server.inject(&rcv_id, sealed);
+        net.route(out);
+        net.run();
+    }
+    assert_eq!(
+        bodies(&net, "alice", &queue_id),
+        [
+            b"one".to_vec(),
+            b"three".to_vec(),
+            b"two, late".to_vec(),
+            Vec::new(),
+            b"hundred".to_vec()
+        ]
+    );
+    let arrived = net
+        .events
+        .iter()
+        .filter(|e| matches!(e, PoolEvent::MessageArrived { .. }))
+        .count();
+    assert_eq!(arrived, 5);
+    let info = &net.pool.queues("alice")[0];
+    assert_eq!(info.duplicates_suppressed, 3);
+    assert_eq!(info.malformed_rejected, 2);
+    assert!(
+        info.last_error.as_ref().unwrap().contains("version 2"),
+        "{info:?}"
+    );
+    assert_eq!(net.pool.duplicates_suppressed(), 3);
+    assert_eq!(net.pool.malformed_rejected(), 2);
+    // Every one was ACKed, the dropped ones too: nothing blocks the queue.
+    assert_eq!(net.server.count("ACK"), 10);
+    assert!(net.server.queues[&rcv_id].msgs.is_empty());
+}
+
 #[test]
 fn apps_cannot_see_or_touch_each_others_queues() {
     let mut net = Net::new(18, 10);
@@ -289,6 +369,7 @@ fn redelivered_message_is_stored_once() {
         .filter(|e| matches!(e, PoolEvent::MessageArrived { .. }))
         .count();
     assert_eq!(arrived, 2);
+    assert_eq!(net.pool.duplicates_suppressed(), 1, "the re-delivered x");
     assert!(
         net.server.queues.values().all(|q| q.msgs.is_empty()),
         "both ACKed"

@@ -650,6 +650,7 @@ pub(crate) async fn drive(
             () = std::future::poll_fn(|cx| upstreams.poll_writable(cx)), if backlog => Wake::Writable,
             cmd = commands.recv() => Wake::Command(cmd),
         };
+        let wake_was_command = matches!(wake, Wake::Command(_));
         match wake {
             Wake::Shutdown | Wake::Command(None) => break,
             // The async timer may wake a little early or late; the hub checks `now` itself.
@@ -659,9 +660,14 @@ pub(crate) async fn drive(
                     hub.handle_upstream(Instant::now(), ev);
                 }
             }
-            // The hub holds a sender of this channel's through `upstreams`; it cannot close.
+            // `upstreams` keeps a sender of this channel, so it never closes.
             Wake::Upstream(None) | Wake::Writable => {}
             Wake::Command(Some(cmd)) => hub.handle_command(Instant::now(), cmd),
+        }
+        // The biased select above prefers upstream traffic; a busy server must not starve
+        // the apps, so every turn also takes one waiting command.
+        if !wake_was_command && let Ok(cmd) = commands.try_recv() {
+            hub.handle_command(Instant::now(), cmd);
         }
         while let Some(action) = hub.poll_socket_action() {
             upstreams.execute(action);
@@ -681,7 +687,6 @@ pub(crate) async fn drive(
 #[cfg(test)]
 mod tests {
     use muxd_ipc_proto::decode_frame;
-
     use rand_core::SeedableRng as _;
 
     use super::*;
@@ -863,5 +868,122 @@ mod tests {
                 reply: Reply::ShuttingDown
             })]
         ));
+    }
+
+    fn error_of(msg: &ServerMessage) -> (Option<u64>, ErrorCode, String) {
+        match msg {
+            ServerMessage::Error(e) => (e.id, e.code, e.message.clone()),
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn queue_ops_map_pool_errors_to_ipc_codes() {
+        let t0 = Instant::now();
+        let mut hub = hub(t0);
+        let mut rx = connect(&mut hub, t0, 1, 16);
+        let recv = Op::Recv {
+            queue_id: "nope".into(),
+            max: None,
+            wait_ms: Some(5_000),
+        };
+        request(&mut hub, t0, 1, 1, recv);
+        let ack = Op::Ack {
+            queue_id: "nope".into(),
+            msg_id: "m".into(),
+        };
+        request(&mut hub, t0, 1, 2, ack);
+        let send = Op::Send {
+            queue_uri: "smp://x".into(),
+            body_b64: "not base64!".into(),
+        };
+        request(&mut hub, t0, 1, 3, send);
+        let create = Op::QueueCreate {
+            server: "not an address".into(),
+            websocket: false,
+        };
+        request(&mut hub, t0, 1, 4, create);
+        let got: Vec<_> = drain(&mut rx).iter().map(error_of).collect();
+        assert_eq!(got.len(), 4, "{got:?}");
+        assert_eq!((got[0].0, got[0].1), (Some(1), ErrorCode::NotFound));
+        assert_eq!((got[1].0, got[1].1), (Some(2), ErrorCode::NotFound));
+        assert_eq!((got[2].0, got[2].1), (Some(3), ErrorCode::InvalidArgument));
+        assert!(got[2].2.contains("body_b64"), "{}", got[2].2);
+        assert_eq!((got[3].0, got[3].1), (Some(4), ErrorCode::InvalidArgument));
+        // A recv that failed does not linger as a waiter.
+        assert_eq!(hub.poll_timeout(), None);
+        assert!(hub.poll_socket_action().is_none());
+    }
+
+    #[test]
+    fn queue_create_connects_and_a_refused_identity_fails_it_and_shows_in_status() {
+        let t0 = Instant::now();
+        let mut hub = hub(t0);
+        let mut rx = connect(&mut hub, t0, 1, 16);
+        let key_hash = "A".repeat(43) + "=";
+        let server = format!("smp://{key_hash}@127.0.0.1");
+        let create = Op::QueueCreate {
+            server,
+            websocket: true,
+        };
+        request(&mut hub, t0, 1, 9, create);
+        // Nothing answered yet: the pool waits for the connection it asked for.
+        assert!(drain(&mut rx).is_empty());
+        let Some(Action::Connect {
+            server,
+            host,
+            port,
+            websocket,
+            ..
+        }) = hub.poll_socket_action()
+        else {
+            panic!("expected a connect")
+        };
+        assert_eq!((host.as_str(), port, websocket), ("127.0.0.1", 5223, true));
+        assert!(hub.poll_timeout().is_some(), "the connect timeout is armed");
+
+        let t1 = t0 + Duration::from_millis(250);
+        request(&mut hub, t1, 1, 10, Op::Status);
+        let ServerMessage::Response(Response {
+            reply: Reply::Status(report),
+            ..
+        }) = &drain(&mut rx)[0]
+        else {
+            panic!("expected a status")
+        };
+        let up = &report.upstreams[0];
+        assert_eq!(up.server, format!("smp://{key_hash}@127.0.0.1:5223"));
+        assert_eq!(
+            (up.transport.as_str(), up.state.as_str()),
+            ("websocket", "connecting")
+        );
+        assert_eq!(up.state_since_unix_ms, 1_000_000, "entered at t0");
+
+        let reason = "server identity mismatch: expected keyHash X, server presented Y";
+        hub.handle_upstream(
+            t1,
+            UpstreamEvent {
+                conn: 1,
+                server,
+                kind: UpstreamEventKind::Disconnected(reason.to_owned()),
+            },
+        );
+        let got = drain(&mut rx);
+        let (id, code, message) = error_of(&got[0]);
+        assert_eq!((id, code), (Some(9), ErrorCode::Upstream));
+        assert!(message.contains(reason), "{message}");
+
+        request(&mut hub, t1, 1, 11, Op::Status);
+        let ServerMessage::Response(Response {
+            reply: Reply::Status(report),
+            ..
+        }) = &drain(&mut rx)[0]
+        else {
+            panic!("expected a status")
+        };
+        let up = &report.upstreams[0];
+        assert_eq!(up.last_error.as_deref(), Some(reason));
+        assert_ne!(up.state, "connecting");
+        assert_eq!(up.state_since_unix_ms, 1_000_250);
     }
 }

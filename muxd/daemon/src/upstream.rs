@@ -379,3 +379,79 @@ async fn connect(
     }
     Err(last)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use muxd_core::{Pool, PoolConfig, PoolRequest, RequestToken};
+    use rand_core::SeedableRng as _;
+
+    use super::*;
+
+    /// A server key as the pool makes them (its constructor is the pool's).
+    fn server_key() -> ServerKey {
+        let mut pool = Pool::new(PoolConfig::default());
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+        let server = format!("smp://{}=@127.0.0.1", "A".repeat(43));
+        let request = PoolRequest::CreateQueue {
+            server,
+            websocket: false,
+        };
+        pool.handle_request(Instant::now(), &mut rng, "app", RequestToken(1), request);
+        match pool.poll_action() {
+            Some(Action::Connect { server, .. }) => server,
+            other => panic!("expected a connect, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn refused_blocks_wait_in_order_and_move_when_there_is_room() {
+        let (events, _events_rx) = mpsc::channel(1);
+        let mut up = Upstreams::new(events, TaskTracker::new());
+        let key = server_key();
+        let (tx, mut rx) = mpsc::channel(2);
+        up.links.insert(
+            key.clone(),
+            Link {
+                conn: 7,
+                tx: PollSender::new(tx),
+                backlog: VecDeque::new(),
+                cancel: CancellationToken::new(),
+            },
+        );
+        for i in 0..5u8 {
+            up.execute(Action::Transmit {
+                server: key.clone(),
+                block: vec![i],
+            });
+        }
+        // Two fit the channel; the driver did not wait for the other three.
+        assert!(up.has_backlog());
+        let mut got = Vec::new();
+        while got.len() < 5 {
+            let block = rx.recv().await.unwrap();
+            got.push(block[0]);
+            if up.has_backlog() {
+                std::future::poll_fn(|cx| up.poll_writable(cx)).await;
+            }
+        }
+        assert_eq!(got, [0, 1, 2, 3, 4]);
+        assert!(!up.has_backlog());
+
+        // Events of a replaced task are stale; a disconnect of the current one forgets it.
+        let stale = UpstreamEvent {
+            conn: 6,
+            server: key.clone(),
+            kind: UpstreamEventKind::Disconnected("old".into()),
+        };
+        assert!(!up.accept(&stale));
+        let current = UpstreamEvent {
+            conn: 7,
+            server: key.clone(),
+            kind: UpstreamEventKind::Disconnected("gone".into()),
+        };
+        assert!(up.accept(&current));
+        assert!(!up.accept(&current));
+    }
+}

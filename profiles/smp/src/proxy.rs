@@ -279,6 +279,25 @@ pub struct PendingForward {
 }
 
 impl PendingForward {
+    /// Rebuilds the state from its parts, for fake relays, fuzzing, or a caller that stores
+    /// pending forwards itself. `secret` is X25519(command key, relay key); `version` and
+    /// `session_id` are the relay's, as in [`ProxiedRelay`].
+    pub fn from_parts(
+        corr_id: CorrId,
+        secret: DhSecret,
+        version: u16,
+        session_id: Vec<u8>,
+        entity_id: Vec<u8>,
+    ) -> Self {
+        Self {
+            corr_id,
+            secret,
+            version,
+            session_id,
+            entity_id,
+        }
+    }
+
     /// The PFWD's corrId, which its PRES (or `ERR PROXY …`) carries.
     pub fn corr_id(&self) -> CorrId {
         self.corr_id

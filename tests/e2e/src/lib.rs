@@ -11,7 +11,7 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,12 @@ pub fn muxctl_bin() -> &'static Path {
 pub fn devrelay_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| build_bin("smp-devrelay", "smp-devrelay"))
+}
+
+/// The `faultproxy` binary, built (once per test process) if needed.
+pub fn faultproxy_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| build_bin("muxd-faultproxy", "faultproxy"))
 }
 
 /// `target/<profile>/`: the test executable lives in its `deps/` subdirectory.
@@ -518,6 +524,66 @@ impl Relay {
 impl Drop for Relay {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A running `faultproxy` forwarding to one upstream, steered through its stdin commands
+/// (`blackhole on`, `reset`, …); killed when dropped.
+#[derive(Debug)]
+pub struct FaultProxy {
+    child: Child,
+    stdin: ChildStdin,
+    /// Kept open so the proxy never writes into a closed pipe.
+    _stdout: BufReader<ChildStdout>,
+    addr: String,
+}
+
+impl FaultProxy {
+    /// Starts a proxy on a free loopback port in front of `upstream` (`host:port`).
+    pub fn start(upstream: &str) -> Self {
+        let mut child = Command::new(faultproxy_bin())
+            .args(["--listen", "127.0.0.1:0", "--upstream", upstream])
+            .env_remove("FAULTPROXY_LISTEN")
+            .env_remove("FAULTPROXY_DELAY_MS")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        // "listening on 127.0.0.1:PORT -> UPSTREAM"
+        let addr = line
+            .strip_prefix("listening on ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("unexpected faultproxy output {line:?}"))
+            .to_owned();
+        Self {
+            child,
+            stdin,
+            _stdout: stdout,
+            addr,
+        }
+    }
+
+    /// `127.0.0.1:<port>` clients connect to.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Sends one command line, e.g. `blackhole on`.
+    pub fn command(&mut self, line: &str) {
+        writeln!(self.stdin, "{line}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -82,6 +82,8 @@ pub struct FakeServer {
     pub queues: BTreeMap<Vec<u8>, SQueue>,
     /// Every command received, in order.
     pub seen: Vec<Seen>,
+    /// SENDs stored (answered `OK`), copies of a resent message included.
+    pub stored: usize,
     /// Messages a queue holds before `ERR QUOTA`.
     pub quota: usize,
     /// While set, blocks are taken in but not processed (a server that went silent).
@@ -116,6 +118,7 @@ impl FakeServer {
             next_conn: 1,
             queues: BTreeMap::new(),
             seen: Vec::new(),
+            stored: 0,
             quota: 128,
             stalled: false,
             ignore_acks: false,
@@ -389,6 +392,7 @@ impl FakeServer {
                         body,
                     },
                 ));
+                self.stored += 1;
                 reply(entity, Response::Ok);
                 let rcv_id = self.rcv_id_of(entity).unwrap();
                 self.deliver(&rcv_id, None, out);
@@ -473,6 +477,27 @@ impl FakeServer {
     /// Ends [`Self::hold_deliveries`] and sends the queue's head message.
     pub fn resume_deliveries(&mut self, rcv_id: &[u8]) -> Vec<(u64, Vec<u8>)> {
         self.hold_deliveries = false;
+        let mut out = Vec::new();
+        self.deliver(rcv_id, None, &mut out);
+        self.pack(out)
+    }
+
+    /// Stores a SEND body (an encoded `ClientMsgEnvelope`) some other client sent, as if by a
+    /// SEND on another connection, and delivers it if the subscriber is free.
+    pub fn inject(&mut self, rcv_id: &[u8], body: Vec<u8>) -> Vec<(u64, Vec<u8>)> {
+        self.ts += 1;
+        let mut msg_id = vec![0u8; 24];
+        self.rng.fill_bytes(&mut msg_id);
+        let msg = RcvMsgBody::Message {
+            ts: self.ts,
+            notification: true,
+            body,
+        };
+        self.queues
+            .get_mut(rcv_id)
+            .unwrap()
+            .msgs
+            .push_back((msg_id, msg));
         let mut out = Vec::new();
         self.deliver(rcv_id, None, &mut out);
         self.pack(out)

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use muxd_e2e::{Daemon, RawClient, Relay, muxctl_bin};
+use muxd_e2e::{Daemon, FaultProxy, RawClient, RecvError, Relay, muxctl_bin};
 use muxd_ipc_proto::{Op, Reply, Response, ServerMessage};
 
 /// Messages each app sends the other in the volume tests.
@@ -319,8 +319,13 @@ fn wrong_key_hash_is_refused_with_a_clear_error() {
     assert!(text.contains("server identity mismatch"), "{text}");
 
     // The relay refused the TLS handshake and never saw an SMP session, so no command.
-    assert_eq!(relay.sessions(), 0, "relay log:\n{}", relay.log());
+    // The relay logs the refusal as it sees the client's alert; give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while relay.refused() == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert!(relay.refused() >= 1, "relay log:\n{}", relay.log());
+    assert_eq!(relay.sessions(), 0, "relay log:\n{}", relay.log());
     // The daemon is unharmed.
     assert!(muxctl_ok(socket, "alice", &["--json", "queue", "list"]).contains("[]"));
 }
@@ -406,4 +411,71 @@ fn relay_restart_is_reported_and_a_send_during_the_outage_goes_out_after_it() {
     assert_eq!(ups[0]["state"], "up", "{ups:?}");
     assert_eq!(relay.sessions(), 1, "relay log:\n{}", relay.log());
     assert!(daemon.log().contains("upstream disconnected"));
+}
+
+/// One server stops answering (a blackhole: nothing moves, nothing closes). Sends to it stay
+/// unanswered, while a full exchange through another server on the same daemon goes on at
+/// full speed; once the stalled server answers again its sends complete, in order.
+#[test]
+fn a_stalled_server_does_not_hold_up_another() {
+    let fast = Relay::start();
+    let slow = Relay::start();
+    let (slow_key, slow_host) = slow.address().split_once('@').unwrap();
+    let mut proxy = FaultProxy::start(slow_host);
+    let slow_server = format!("{slow_key}@{}", proxy.addr());
+    let daemon = Daemon::start();
+    let socket = daemon.socket();
+    let fast_q = create_queue(socket, "alice", fast.address(), false);
+    let slow_q = create_queue(socket, "alice", &slow_server, false);
+
+    proxy.command("blackhole on");
+    // Give the proxy a moment to read the command before anything is sent.
+    std::thread::sleep(Duration::from_millis(200));
+    let mut bob = RawClient::connect(socket);
+    bob.hello("bob");
+    let stalled = 20;
+    for i in 0..stalled {
+        bob.send_request(Op::Send {
+            queue_uri: slow_q.uri.clone(),
+            body_b64: base64::engine::general_purpose::STANDARD.encode(format!("slow-{i}")),
+        })
+        .unwrap();
+    }
+
+    let started = Instant::now();
+    let received = AtomicUsize::new(0);
+    let got = std::thread::scope(|s| {
+        s.spawn(|| send_all(socket, "bob", &fast_q.uri, "fast", 200, &received));
+        s.spawn(|| recv_all(socket, "alice", &fast_q.id, 200, &received))
+            .join()
+            .unwrap()
+    });
+    let took = started.elapsed();
+    assert_eq!(got, expected("fast", 200));
+    assert!(
+        took < Duration::from_secs(10),
+        "the fast exchange took {took:?}"
+    );
+    assert!(
+        matches!(
+            bob.recv_timeout(Duration::from_millis(100)),
+            Err(RecvError::Timeout)
+        ),
+        "a send through the blackhole was answered"
+    );
+
+    proxy.command("blackhole off");
+    for _ in 0..stalled {
+        match bob.recv_timeout(Duration::from_secs(30)) {
+            Ok(ServerMessage::Response(Response {
+                reply: Reply::Sent { .. },
+                ..
+            })) => {}
+            other => panic!("expected `sent` after the blackhole, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        muxctl_recv(socket, "alice", &slow_q, stalled),
+        expected("slow", stalled)
+    );
 }
