@@ -384,7 +384,8 @@ pub struct Session {
 /// ClientHello block to send and the session parameters.
 ///
 /// `client_key` is a fresh per-connection X25519 key (the reference client always sends one);
-/// `None` omits it and thereby disables block encryption.
+/// `None` omits it and thereby disables block encryption. It is also left out when the server
+/// gave no usable session key, so that both sides agree on plain blocks.
 pub fn client_handshake(
     server_hello_block: &[u8],
     params: &HandshakeParams<'_>,

@@ -167,32 +167,24 @@ fn a_send_whose_ok_is_lost_is_stored_twice_and_delivered_once() {
 }
 
 /// A small queue makes the server refuse SENDs (QUOTA) while later ones are pipelined behind
-/// them and the recipient drains it: refusals, lost OKs and resends all mix. Every message
-/// arrives exactly once. Order can only suffer where the server itself stored a refused
-/// message after later ones (a refusal whose followers' answers were lost with the link);
-/// then the late one is delivered, not dropped.
+/// them and the recipient drains it: refusals, lost OKs and resends all mix, and every
+/// message still arrives exactly once, in order. (Order could only suffer where the server
+/// itself stored a refused message after later ones; the receiver then delivers it late
+/// rather than drop it. The sender's one-at-a-time rules keep that from happening here.)
 #[test]
-fn flapping_link_and_a_full_queue_still_deliver_exactly_once() {
-    let mut quota_hits = 0;
-    let mut in_order = 0;
-    let seeds = 0..60u64;
-    for seed in seeds.clone() {
+fn flapping_link_and_a_full_queue_still_deliver_exactly_once_in_order() {
+    let mut refused = 0;
+    for seed in 0..8 {
         let (sim, queue_id, _) = flapping_run(seed, 4);
-        quota_hits += sim.servers[0].fake.count("SEND") - sim.servers[0].fake.stored;
+        refused += sim.servers[0].fake.count("SEND") - sim.servers[0].fake.stored;
         let want: Vec<Vec<u8>> = (0..150).map(body).collect();
-        let got = &sim.received[&queue_id];
-        let mut sorted = got.clone();
-        sorted.sort();
-        let mut want_sorted = want.clone();
-        want_sorted.sort();
-        assert_eq!(sorted, want_sorted, "seed {seed}: each message once");
-        if *got == want {
-            in_order += 1;
-        }
+        assert_eq!(sim.received[&queue_id], want, "seed {seed}");
         assert_copies_suppressed(&sim, 150);
     }
-    assert!(quota_hits > 0, "the queue filled up");
-    eprintln!("{in_order} of {} runs in order", seeds.end);
+    assert!(
+        refused > 100,
+        "the queue kept filling up ({refused} refusals)"
+    );
 }
 
 #[test]
