@@ -159,7 +159,7 @@ impl Mailbox for MemoryMailbox {
     fn deliver(&mut self, message: ReceivedMessage, seq: u64) -> Delivery {
         let slot = self.queues.entry(message.queue_id.clone()).or_default();
         // The window and the message change together, as a durable store commits them.
-        if !slot.push(message) {
+        if !slot.seqs.is_new(seq) || !slot.push(message) {
             return Delivery::Duplicate;
         }
         slot.seqs.record(seq);

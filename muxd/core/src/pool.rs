@@ -1952,7 +1952,7 @@ fn admit<M: Mailbox>(
         Err(e) => return Admitted::Malformed(e),
     };
     let stored = mailbox.delivered_seqs(queue_id);
-    if false {
+    if !q.delivered.is_new(env.seq) || stored.is_some_and(|w| !w.is_new(env.seq)) {
         return Admitted::Duplicate { seq: env.seq };
     }
     let late = env.seq < q.delivered.high().max(stored.map_or(0, |w| w.high()));
