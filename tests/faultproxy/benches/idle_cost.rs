@@ -103,12 +103,10 @@ impl Client {
                 if let Event::Response {
                     corr_id, result, ..
                 } = e
-                {
-                    if corr_id == corr {
+                    && corr_id == corr {
                         assert!(matches!(result, Ok(Response::Pong)), "{result:?}");
                         return t.elapsed();
                     }
-                }
             }
         }
     }

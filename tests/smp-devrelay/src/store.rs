@@ -435,20 +435,18 @@ impl StoreInner {
         q.msgs.push_back(stored.clone());
         let subscriber = q.subscriber();
         self.append(|| Record::message(&rcv_id, &stored));
-        if was_empty {
-            if let Some(conn) = subscriber {
+        if was_empty
+            && let Some(conn) = subscriber {
                 let idle = self
                     .queues
                     .get(&rcv_id)
                     .and_then(|q| q.subs.get(&conn))
                     .is_some_and(|s| s.delivered.is_none());
-                if idle {
-                    if let Some(msg) = self.deliver_head(conn, &rcv_id) {
+                if idle
+                    && let Some(msg) = self.deliver_head(conn, &rcv_id) {
                         self.notify(conn, &rcv_id, msg);
                     }
-                }
             }
-        }
         result
     }
 
