@@ -14,6 +14,10 @@ pub enum PoolError {
     /// The request itself is wrong: an unparsable address or URI, a body that is too long.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A limit of the pool was reached for this app (tracked servers, destination queues);
+    /// the text names it. Retrying once the app has less going on can succeed.
+    #[error("limit reached: {0}")]
+    LimitReached(String),
     /// The server refused the request or could not be reached.
     #[error("{server}: {reason}")]
     Upstream {

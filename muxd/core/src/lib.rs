@@ -18,6 +18,7 @@
 #![warn(missing_docs)]
 
 mod config;
+mod deadline;
 mod envelope;
 mod error;
 mod mailbox;

@@ -3,7 +3,10 @@
 //! The pool only needs the small [`Mailbox`] interface, so the durable store of a later step
 //! can take the place of the in-memory [`MemoryMailbox`] without touching the pool.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
+
+use zeroize::Zeroize;
 
 use crate::envelope::SeqWindow;
 
@@ -59,6 +62,16 @@ pub trait Mailbox {
     /// How many messages of `queue_id` are waiting.
     fn count(&self, queue_id: &str) -> usize;
 
+    /// The body bytes of the messages of `queue_id` that are waiting; the pool bounds it
+    /// with [`crate::PoolConfig::max_waiting_bytes_per_queue`]. The default adds up
+    /// [`Self::peek`]; stores that can should keep a running total.
+    fn waiting_bytes(&self, queue_id: &str) -> usize {
+        self.peek(queue_id, usize::MAX)
+            .iter()
+            .map(|m| m.body.len())
+            .sum()
+    }
+
     /// Forgets a queue and all its messages.
     fn remove_queue(&mut self, queue_id: &str);
 
@@ -88,28 +101,86 @@ pub trait Mailbox {
 }
 
 /// A [`Mailbox`] in memory: lost when the daemon stops.
-#[derive(Debug, Default)]
+///
+/// Lookups by msgId are logarithmic, so a queue holding many messages costs no more per
+/// message than a short one. Bodies are wiped from memory when their message is removed.
+/// `Debug` shows counts, not message bodies.
+#[derive(Default)]
 pub struct MemoryMailbox {
     queues: BTreeMap<String, Slot>,
 }
 
-#[derive(Debug, Default)]
+impl fmt::Debug for MemoryMailbox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let counts: BTreeMap<&str, usize> = self
+            .queues
+            .iter()
+            .map(|(id, s)| (id.as_str(), s.waiting.len()))
+            .collect();
+        f.debug_struct("MemoryMailbox")
+            .field("waiting", &counts)
+            .finish()
+    }
+}
+
+#[derive(Default)]
 struct Slot {
-    waiting: VecDeque<ReceivedMessage>,
+    /// Waiting messages by arrival number, oldest first.
+    waiting: BTreeMap<u64, ReceivedMessage>,
+    /// The arrival number of each waiting msgId.
+    index: BTreeMap<String, u64>,
+    next: u64,
+    /// Body bytes of the waiting messages.
+    bytes: usize,
+    /// Recently removed msgIds, oldest first, and the same as a set for lookups.
     removed: VecDeque<String>,
+    removed_set: BTreeSet<String>,
     /// The seqs delivered.
     seqs: SeqWindow,
 }
 
 impl Slot {
+    fn known(&self, msg_id: &str) -> bool {
+        self.index.contains_key(msg_id) || self.removed_set.contains(msg_id)
+    }
+
     /// Appends `message` unless its msgId is waiting or was recently removed.
     fn push(&mut self, message: ReceivedMessage) -> bool {
-        let known = self.waiting.iter().any(|m| m.msg_id == message.msg_id)
-            || self.removed.contains(&message.msg_id);
-        if !known {
-            self.waiting.push_back(message);
+        if self.known(&message.msg_id) {
+            return false;
         }
-        !known
+        let n = self.next;
+        self.next += 1;
+        self.bytes += message.body.len();
+        self.index.insert(message.msg_id.clone(), n);
+        self.waiting.insert(n, message);
+        true
+    }
+
+    fn remove(&mut self, msg_id: &str) -> bool {
+        let Some(n) = self.index.remove(msg_id) else {
+            return false;
+        };
+        if let Some(mut message) = self.waiting.remove(&n) {
+            self.bytes = self.bytes.saturating_sub(message.body.len());
+            message.body.zeroize();
+        }
+        if self.removed.len() >= REMEMBERED_ACKS
+            && let Some(old) = self.removed.pop_front()
+        {
+            self.removed_set.remove(&old);
+        }
+        self.removed.push_back(msg_id.to_owned());
+        self.removed_set.insert(msg_id.to_owned());
+        true
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        for message in self.waiting.values_mut() {
+            message.body.zeroize();
+        }
     }
 }
 
@@ -129,27 +200,22 @@ impl Mailbox for MemoryMailbox {
     fn peek(&self, queue_id: &str, max: usize) -> Vec<ReceivedMessage> {
         self.queues
             .get(queue_id)
-            .map(|s| s.waiting.iter().take(max).cloned().collect())
+            .map(|s| s.waiting.values().take(max).cloned().collect())
             .unwrap_or_default()
     }
 
     fn remove(&mut self, queue_id: &str, msg_id: &str) -> bool {
-        let Some(slot) = self.queues.get_mut(queue_id) else {
-            return false;
-        };
-        let Some(pos) = slot.waiting.iter().position(|m| m.msg_id == msg_id) else {
-            return false;
-        };
-        slot.waiting.remove(pos);
-        if slot.removed.len() == REMEMBERED_ACKS {
-            slot.removed.pop_front();
-        }
-        slot.removed.push_back(msg_id.to_owned());
-        true
+        self.queues
+            .get_mut(queue_id)
+            .is_some_and(|slot| slot.remove(msg_id))
     }
 
     fn count(&self, queue_id: &str) -> usize {
         self.queues.get(queue_id).map_or(0, |s| s.waiting.len())
+    }
+
+    fn waiting_bytes(&self, queue_id: &str) -> usize {
+        self.queues.get(queue_id).map_or(0, |s| s.bytes)
     }
 
     fn remove_queue(&mut self, queue_id: &str) {
@@ -210,6 +276,55 @@ mod tests {
         // The oldest id fell out of the window; the newest is still known.
         assert!(m.insert(msg("0")));
         assert!(!m.insert(msg(&REMEMBERED_ACKS.to_string())));
+    }
+
+    #[test]
+    fn counts_bytes_and_stays_fast_with_many_waiting() {
+        let mut m = MemoryMailbox::new();
+        // A linear msgId scan per insert would make this quadratic (~10^9 comparisons).
+        let n = 50_000;
+        for i in 0..n {
+            assert!(m.insert(msg(&i.to_string())));
+        }
+        assert!(!m.insert(msg("0")));
+        assert!(!m.insert(msg(&(n - 1).to_string())));
+        let bytes: usize = (0..n).map(|i| i.to_string().len()).sum();
+        assert_eq!(m.waiting_bytes("q"), bytes);
+        for i in (0..n).rev() {
+            assert!(m.remove("q", &i.to_string()));
+        }
+        assert_eq!(m.count("q"), 0);
+        assert_eq!(m.waiting_bytes("q"), 0);
+        // The newest removed ids are remembered, the oldest forgotten.
+        assert!(!m.insert(msg("0")));
+        assert!(m.insert(msg(&(n - 1).to_string())));
+        let order: Vec<String> = {
+            for id in ["b", "a"] {
+                m.insert(msg(id));
+            }
+            m.peek("q", 10).into_iter().map(|x| x.msg_id).collect()
+        };
+        assert_eq!(order, [(n - 1).to_string(), "b".into(), "a".into()]);
+        // The trait's default sums what `peek` shows.
+        #[derive(Debug)]
+        struct Plain<'a>(&'a MemoryMailbox);
+        impl Mailbox for Plain<'_> {
+            fn insert(&mut self, _: ReceivedMessage) -> bool {
+                false
+            }
+            fn peek(&self, queue_id: &str, max: usize) -> Vec<ReceivedMessage> {
+                self.0.peek(queue_id, max)
+            }
+            fn remove(&mut self, _: &str, _: &str) -> bool {
+                false
+            }
+            fn count(&self, queue_id: &str) -> usize {
+                self.0.count(queue_id)
+            }
+            fn remove_queue(&mut self, _: &str) {}
+        }
+        assert_eq!(Plain(&m).waiting_bytes("q"), m.waiting_bytes("q"));
+        assert_eq!(m.waiting_bytes("q"), (n - 1).to_string().len() + 2);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The pool: every upstream server connection, every app's queues, and the rules that tie
 //! them together. See [`Pool`] for the call order.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use muxd_profile_core::{LagHistory, LagSource};
@@ -18,8 +18,10 @@ use muxd_smp::encoding::base64url_encode;
 use muxd_smp::error::{ErrorType, ReconnectAction};
 use muxd_smp::keys::{Ed25519SecretKey, X25519PublicKey, X25519SecretKey};
 use rand_core::{CryptoRng, RngCore};
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::config::PoolConfig;
+use crate::deadline::later;
 use crate::envelope::{ENVELOPE_OVERHEAD, Envelope, EnvelopeError, SeqWindow};
 use crate::error::PoolError;
 use crate::mailbox::{Delivery, Mailbox, MemoryMailbox, ReceivedMessage};
@@ -29,7 +31,8 @@ use crate::request::{
 };
 use crate::sender::{Confirmation, DestKey, OutMsg, OutState, Secured, SendKind, SndQueue};
 use crate::server::{
-    ConnState, Deferred, Flight, Pending, Server, ServerKey, ServerStatus, Transport, TransportInfo,
+    Budget, ConnState, Deferred, Flight, Pending, Server, ServerKey, ServerStatus, Transport,
+    TransportInfo,
 };
 
 /// The longest message body an app may send.
@@ -49,6 +52,30 @@ const URI_CLIENT_VERSIONS: VersionRange = VersionRange { min: 2, max: 4 };
 /// pool runs keep-alive itself (PONG deadline, missed-PONG count, lag watch). Ten years
 /// stays far from `Instant` overflow.
 const PROFILE_PING_OFF: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// The range a lag-watch interval is clamped to: faster PINGs would only load the server,
+/// and an app may ask for any `u64` of milliseconds.
+const LAG_WATCH_MIN: Duration = Duration::from_millis(10);
+const LAG_WATCH_MAX: Duration = Duration::from_secs(24 * 3600);
+
+/// The longest timeout handed to the profile's connection, which adds it to `Instant`s
+/// unchecked.
+const PROFILE_TIMEOUT_MAX: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A request the pool has accepted and not yet answered, and the budget it is charged to.
+#[derive(Debug)]
+struct Charge {
+    server: ServerKey,
+    app: String,
+    budget: Budget,
+}
+
+/// Received messages an app holds over all its queues.
+#[derive(Debug, Clone, Copy, Default)]
+struct Waiting {
+    messages: usize,
+    bytes: usize,
+}
 
 /// How a connection loss is to be handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,7 +119,16 @@ fn live(subscription: Subscription) -> bool {
 /// randomness come in as arguments; the pool reads no clock and does no IO.
 ///
 /// Requests that need a server that is not connected ask for [`Action::Connect`] and wait,
-/// bounded by [`PoolConfig::max_pending_per_server`].
+/// bounded per app and server by [`PoolConfig::max_pending_per_server`] (messages) and
+/// [`PoolConfig::max_pending_requests_per_server`] (queue creations and deletions).
+///
+/// Every table is bounded, so a hostile or broken app or server can neither grow the pool's
+/// memory without end nor starve other apps: received messages per queue and per app (at
+/// the limit the pool holds back the server `ACK`, and the server's quota makes senders
+/// wait), tracked servers ([`PoolConfig::max_servers`]; unused ones are forgotten after
+/// [`PoolConfig::server_linger`]) and destination queues per app
+/// ([`PoolConfig::max_senders_per_app`]). A limit that is reached fails the request with a
+/// clear error and loses nothing already accepted.
 ///
 /// Each server goes through idle → connecting → handshaking → up, and on a failure either
 /// to `failed` (nothing needs it) or to backing-off → connecting … until the handshake and
@@ -121,6 +157,24 @@ pub struct Pool<M: Mailbox = MemoryMailbox> {
     /// Totals over every queue the pool ever had (deleted ones included).
     duplicates_suppressed: u64,
     malformed_rejected: u64,
+    confirmations_rejected: u64,
+    /// Accepted requests not yet answered, by token; each holds a budget on its server
+    /// until [`Self::reply`] releases it.
+    charges: BTreeMap<RequestToken, Charge>,
+    /// Per app: the received messages it holds, against the per-app limits.
+    waiting: BTreeMap<String, Waiting>,
+    /// Per app: the sender entries it sent through, against `max_senders_per_app`.
+    app_senders: BTreeMap<String, usize>,
+    /// Queues whose `ACK` is held back, as (app, queue id).
+    held: BTreeSet<(String, String)>,
+    /// Apps that acknowledged messages while some of their queues held an `ACK`: the next
+    /// `handle_timeout` (due at once) sees whether it can go out.
+    release: BTreeSet<String>,
+    /// Servers whose connection may have events or blocks to send.
+    touched: BTreeSet<ServerKey>,
+    /// The latest `now` the pool was given; [`Self::ack`] has none, and what it sets off
+    /// runs in a `handle_timeout` due at this instant.
+    last_now: Option<Instant>,
 }
 
 impl Pool<MemoryMailbox> {
@@ -143,6 +197,14 @@ impl<M: Mailbox> Pool<M> {
             next_seq: 1,
             duplicates_suppressed: 0,
             malformed_rejected: 0,
+            confirmations_rejected: 0,
+            charges: BTreeMap::new(),
+            waiting: BTreeMap::new(),
+            app_senders: BTreeMap::new(),
+            held: BTreeSet::new(),
+            release: BTreeSet::new(),
+            touched: BTreeSet::new(),
+            last_now: None,
         }
     }
 
@@ -165,6 +227,13 @@ impl<M: Mailbox> Pool<M> {
         self.malformed_rejected
     }
 
+    /// Confirmations refused because another sender's confirmation had already set the
+    /// queue's e2e key, over all queues since the pool started. Per queue:
+    /// [`QueueInfo::confirmations_rejected`].
+    pub fn confirmations_rejected(&self) -> u64 {
+        self.confirmations_rejected
+    }
+
     /// One entry per server the pool knows, in a stable order.
     pub fn status(&self) -> Vec<ServerStatus> {
         self.servers
@@ -175,8 +244,7 @@ impl<M: Mailbox> Pool<M> {
                 state: s.state,
                 since: s.since,
                 last_error: s.last_error.clone(),
-                queues: self.queues.values().filter(|q| q.server == *key).count()
-                    + self.senders_of(key).count(),
+                queues: s.queues + self.senders_of(key).count(),
                 attempt: s.backoff.attempt(),
                 next_retry_at: s.retry_at.filter(|_| s.state == ConnState::BackingOff),
                 pending_sends: self.senders_of(key).map(|(_, q)| q.outbox.len()).sum(),
@@ -226,13 +294,57 @@ impl<M: Mailbox> Pool<M> {
     }
 
     /// The app has message `msg_id`: forget it.
+    ///
+    /// When the app's queues were at a waiting-message limit, an `ACK` held back from the
+    /// server may now go out: [`poll_timeout`](Self::poll_timeout) then asks for a
+    /// [`handle_timeout`](Self::handle_timeout) at once, which sends it.
     pub fn ack(&mut self, app: &str, queue_id: &str, msg_id: &str) -> Result<(), PoolError> {
         self.owned(app, queue_id)?;
-        if self.mailbox.remove(queue_id, msg_id) {
-            Ok(())
-        } else {
-            Err(PoolError::NotFound(format!("message {msg_id}")))
+        let before = self.usage(queue_id);
+        if !self.mailbox.remove(queue_id, msg_id) {
+            return Err(PoolError::NotFound(format!("message {msg_id}")));
         }
+        let after = self.usage(queue_id);
+        self.account(app, before, after);
+        let start = (app.to_owned(), String::new());
+        if self
+            .held
+            .range(start..)
+            .next()
+            .is_some_and(|(a, _)| a == app)
+        {
+            self.release.insert(app.to_owned());
+        }
+        Ok(())
+    }
+
+    /// Messages and body bytes waiting in one queue.
+    fn usage(&self, queue_id: &str) -> Waiting {
+        Waiting {
+            messages: self.mailbox.count(queue_id),
+            bytes: self.mailbox.waiting_bytes(queue_id),
+        }
+    }
+
+    /// Moves `app`'s running total from a queue's `before` to its `after`.
+    fn account(&mut self, app: &str, before: Waiting, after: Waiting) {
+        let total = self.waiting.entry(app.to_owned()).or_default();
+        total.messages = (total.messages + after.messages).saturating_sub(before.messages);
+        total.bytes = (total.bytes + after.bytes).saturating_sub(before.bytes);
+        if total.messages == 0 && total.bytes == 0 {
+            self.waiting.remove(app);
+        }
+    }
+
+    /// Whether the queue or its app is at a waiting-message limit: the next `ACK` is held.
+    fn at_limit(&self, app: &str, queue_id: &str) -> bool {
+        let c = &self.config;
+        let queue = self.usage(queue_id);
+        let total = self.waiting.get(app).copied().unwrap_or_default();
+        queue.messages >= c.max_waiting_per_queue
+            || queue.bytes >= c.max_waiting_bytes_per_queue
+            || total.messages >= c.max_waiting_per_app
+            || total.bytes >= c.max_waiting_bytes_per_app
     }
 
     fn owned(&self, app: &str, queue_id: &str) -> Result<&RcvQueue, PoolError> {
@@ -252,6 +364,7 @@ impl<M: Mailbox> Pool<M> {
             last_error: q.last_error.clone(),
             duplicates_suppressed: q.duplicates_suppressed,
             malformed_rejected: q.malformed_rejected,
+            confirmations_rejected: q.confirmations_rejected,
         }
     }
 
@@ -277,7 +390,7 @@ impl<M: Mailbox> Pool<M> {
                 .idle_since
                 .zip(s.policy.idle_disconnect)
                 .filter(|_| up)
-                .map(|(t, d)| t + d);
+                .map(|(t, d)| later(t, d));
             [
                 s.connect_deadline,
                 s.conn.as_ref().and_then(Connection::poll_timeout),
@@ -291,11 +404,23 @@ impl<M: Mailbox> Pool<M> {
                 s.outbox
                     .iter()
                     .find(|m| m.state == OutState::Queued)
-                    .map(|m| m.queued_at + t)
+                    .map(|m| later(m.queued_at, t))
             });
             [s.retry_at, expiry]
         });
-        servers.chain(senders).flatten().min()
+        let gc = self
+            .servers
+            .iter()
+            .filter(|(key, s)| self.collectable(key, s))
+            .map(|(_, s)| Some(later(s.since, self.config.server_linger)));
+        // An ack may have freed room for a held ACK: look at once.
+        let release = self.last_now.filter(|_| !self.release.is_empty());
+        servers
+            .chain(senders)
+            .chain(gc)
+            .chain([release])
+            .flatten()
+            .min()
     }
 
     /// Takes a request from `app`; its answer comes as [`Action::Reply`] with `token`.
@@ -307,6 +432,7 @@ impl<M: Mailbox> Pool<M> {
         token: RequestToken,
         request: PoolRequest,
     ) {
+        self.tick(now);
         let result = match request {
             PoolRequest::CreateQueue { server, websocket } => {
                 self.create_queue(now, rng, app, token, &server, websocket)
@@ -314,7 +440,9 @@ impl<M: Mailbox> Pool<M> {
             PoolRequest::DeleteQueue { queue_id } => {
                 self.delete_queue(now, rng, app, token, queue_id)
             }
-            PoolRequest::Send { queue_uri, body } => self.send(now, rng, token, &queue_uri, body),
+            PoolRequest::Send { queue_uri, body } => {
+                self.send(now, rng, app, token, &queue_uri, Zeroizing::new(body))
+            }
         };
         if let Err(e) = result {
             self.reply(token, Err(e));
@@ -331,6 +459,7 @@ impl<M: Mailbox> Pool<M> {
         server: &ServerKey,
         transport: TransportInfo,
     ) {
+        self.tick(now);
         let Some(s) = self.servers.get_mut(server) else {
             self.actions.push_back(Action::Disconnect {
                 server: server.clone(),
@@ -351,13 +480,18 @@ impl<M: Mailbox> Pool<M> {
         };
         let mut config = self.config.connection.clone();
         config.ping_interval = PROFILE_PING_OFF;
+        config.handshake_timeout = config.handshake_timeout.min(PROFILE_TIMEOUT_MAX);
+        config.command_timeout = config.command_timeout.min(PROFILE_TIMEOUT_MAX);
+        config.silence_limit = config.silence_limit.min(PROFILE_TIMEOUT_MAX);
         s.conn = Some(Connection::new(now, config, identity, rng));
+        s.command_timeouts = 0;
         s.connect_deadline = None;
         s.last_received = now;
         s.ping = None;
         s.missed_pongs = 0;
         s.probe = false;
         self.set_state(now, server, ConnState::Handshaking);
+        self.touched.insert(server.clone());
         self.drive_all(now, rng);
     }
 
@@ -369,11 +503,13 @@ impl<M: Mailbox> Pool<M> {
         server: &ServerKey,
         block: &[u8],
     ) {
+        self.tick(now);
         if let Some(s) = self.servers.get_mut(server)
             && let Some(conn) = s.conn.as_mut()
         {
             s.last_received = now;
             conn.handle_input(now, block);
+            self.touched.insert(server.clone());
         }
         self.drive_all(now, rng);
     }
@@ -382,6 +518,7 @@ impl<M: Mailbox> Pool<M> {
     /// with `reason`. After the pool itself asked for [`Action::Disconnect`] the connection is
     /// already forgotten and a late report is ignored.
     pub fn handle_disconnected(&mut self, now: Instant, server: &ServerKey, reason: String) {
+        self.tick(now);
         let live = self.servers.get(server).is_some_and(|s| {
             matches!(
                 s.state,
@@ -414,7 +551,7 @@ impl<M: Mailbox> Pool<M> {
 
     /// PING `server` every `interval` (its policy's `lag_watch_interval` when `None`) while
     /// someone watches its lag; `watch = false` goes back to background keep-alive only.
-    /// Returns whether the server is known.
+    /// The interval is clamped to 10 ms – 1 day. Returns whether the server is known.
     pub fn set_lag_watch(
         &mut self,
         server: &ServerKey,
@@ -427,7 +564,7 @@ impl<M: Mailbox> Pool<M> {
         s.lag_watch = watch.then(|| {
             interval
                 .unwrap_or(s.policy.lag_watch_interval)
-                .max(Duration::from_millis(10))
+                .clamp(LAG_WATCH_MIN, LAG_WATCH_MAX)
         });
         true
     }
@@ -437,6 +574,7 @@ impl<M: Mailbox> Pool<M> {
     /// backoff schedule. Idle and failed servers with nothing to do are left alone.
     /// Returns how many servers were (re)connected.
     pub fn reconnect(&mut self, now: Instant, server: Option<&ServerKey>) -> usize {
+        self.tick(now);
         let keys: Vec<ServerKey> = match server {
             Some(k) => self
                 .servers
@@ -471,6 +609,7 @@ impl<M: Mailbox> Pool<M> {
     /// backing off or lost are tried again at once with a fresh backoff, and connections that
     /// look up are probed with a PING (two missed PONGs and they are replaced).
     pub fn handle_network_change(&mut self, now: Instant) {
+        self.tick(now);
         let keys: Vec<ServerKey> = self.servers.keys().cloned().collect();
         for key in &keys {
             let Some(state) = self.servers.get(key).map(|s| s.state) else {
@@ -502,6 +641,7 @@ impl<M: Mailbox> Pool<M> {
 
     /// Fires what is due at `now`: connect and command timeouts, keep-alives, send retries.
     pub fn handle_timeout<R: RngCore + CryptoRng>(&mut self, now: Instant, rng: &mut R) {
+        self.tick(now);
         let keys: Vec<ServerKey> = self.servers.keys().cloned().collect();
         for key in &keys {
             let Some(s) = self.servers.get_mut(key) else {
@@ -522,6 +662,7 @@ impl<M: Mailbox> Pool<M> {
                 && conn.poll_timeout().is_some_and(|t| t <= now)
             {
                 conn.handle_timeout(now, rng);
+                self.touched.insert(key.clone());
             }
             match s.state {
                 ConnState::Up => self.keepalive(now, rng, key),
@@ -543,7 +684,80 @@ impl<M: Mailbox> Pool<M> {
         for dest in &due {
             self.pump(now, rng, dest);
         }
+        self.release_held(now, rng);
         self.drive_all(now, rng);
+        self.collect_garbage(now);
+    }
+
+    /// Remembers the latest `now`, for what [`Self::ack`] sets off.
+    fn tick(&mut self, now: Instant) {
+        self.last_now = Some(self.last_now.map_or(now, |t| t.max(now)));
+    }
+
+    /// Sends the `ACK`s held back for apps that acknowledged messages since, on queues that
+    /// are below their limits now. A held `ACK` whose connection is gone is dropped: the
+    /// server delivers the message again after the re-SUB, and the decision is taken anew.
+    fn release_held<R: RngCore + CryptoRng>(&mut self, now: Instant, rng: &mut R) {
+        for app in std::mem::take(&mut self.release) {
+            let start = (app.clone(), String::new());
+            let held: Vec<String> = self
+                .held
+                .range(start..)
+                .take_while(|(a, _)| *a == app)
+                .map(|(_, q)| q.clone())
+                .collect();
+            for queue_id in held {
+                if self.at_limit(&app, &queue_id) {
+                    continue;
+                }
+                self.held.remove(&(app.clone(), queue_id.clone()));
+                let Some(q) = self.queues.get_mut(&queue_id) else {
+                    continue;
+                };
+                let Some(msg_id) = q.held_ack.take() else {
+                    continue;
+                };
+                let key = q.server.clone();
+                let up = self
+                    .servers
+                    .get(&key)
+                    .is_some_and(|s| s.state == ConnState::Up);
+                if up && q.subscription == Subscription::Subscribed {
+                    tracing::debug!(server = %key, %queue_id, "sending a held ACK");
+                    self.queue_command(now, rng, &key, &queue_id, &Command::Ack(msg_id));
+                }
+            }
+        }
+    }
+
+    /// Whether a server can be forgotten once it has lingered: no connection wanted, and
+    /// nothing refers to it (queues, senders, requests, commands, lag watch).
+    fn collectable(&self, key: &ServerKey, s: &Server) -> bool {
+        matches!(
+            s.state,
+            ConnState::Idle | ConnState::Failed | ConnState::Lost
+        ) && s.queues == 0
+            && s.deferred.is_empty()
+            && s.commands.is_empty()
+            && s.lag_watch.is_none()
+            && s.load.is_empty()
+            && self.senders_of(key).next().is_none()
+    }
+
+    /// Forgets servers that had nothing to do for `server_linger`.
+    fn collect_garbage(&mut self, now: Instant) {
+        let linger = self.config.server_linger;
+        let expired: Vec<ServerKey> = self
+            .servers
+            .iter()
+            .filter(|(key, s)| self.collectable(key, s) && later(s.since, linger) <= now)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in expired {
+            tracing::debug!(server = %key, "forgetting an unused server");
+            self.servers.remove(&key);
+            self.touched.remove(&key);
+        }
     }
 
     // ---- requests ----
@@ -560,7 +774,7 @@ impl<M: Mailbox> Pool<M> {
         let mut address: SmpServer = server
             .parse()
             .map_err(|e| PoolError::InvalidArgument(format!("server address {server:?}: {e}")))?;
-        let basic_auth = address.basic_auth.take();
+        let basic_auth = address.basic_auth.take().map(Zeroizing::new);
         let transport = if websocket {
             Transport::WebSocket
         } else {
@@ -568,7 +782,8 @@ impl<M: Mailbox> Pool<M> {
         };
         let key = self.server_entry(now, &address, transport)?;
         self.check_not_lost(&key)?;
-        self.check_capacity(&key)?;
+        self.check_capacity(&key, app, Budget::Request)?;
+        self.charge(token, &key, app, Budget::Request)?;
         if let Some(s) = self.servers.get_mut(&key) {
             s.deferred.push_back(Deferred::Create {
                 app: app.to_owned(),
@@ -597,9 +812,14 @@ impl<M: Mailbox> Pool<M> {
         }
         let key = q.server.clone();
         self.check_not_lost(&key)?;
-        self.check_capacity(&key)?;
+        self.check_capacity(&key, app, Budget::Request)?;
+        self.charge(token, &key, app, Budget::Request)?;
         if let Some(s) = self.servers.get_mut(&key) {
-            s.deferred.push_back(Deferred::Delete { token, queue_id });
+            s.deferred.push_back(Deferred::Delete {
+                app: app.to_owned(),
+                token,
+                queue_id,
+            });
         }
         self.connect_or_run(now, rng, &key);
         Ok(())
@@ -609,9 +829,10 @@ impl<M: Mailbox> Pool<M> {
         &mut self,
         now: Instant,
         rng: &mut R,
+        app: &str,
         token: RequestToken,
         queue_uri: &str,
-        body: Vec<u8>,
+        body: Zeroizing<Vec<u8>>,
     ) -> Result<(), PoolError> {
         if body.len() > MAX_BODY_LEN {
             return Err(PoolError::InvalidArgument(format!(
@@ -635,19 +856,42 @@ impl<M: Mailbox> Pool<M> {
             Transport::Tls
         };
         let key = self.server_entry(now, &uri.server, transport)?;
-        self.check_capacity(&key)?;
+        self.check_capacity(&key, app, Budget::Send)?;
         let dest = DestKey {
             server: key.clone(),
             sender_id: uri.sender_id.clone(),
         };
+        let existing = self.senders.get(&dest);
+        let new_for_app = existing.is_none_or(|s| !s.apps.contains(app));
+        let app_count = self.app_senders.get(app).copied().unwrap_or(0);
+        if new_for_app && app_count >= self.config.max_senders_per_app {
+            return Err(PoolError::LimitReached(format!(
+                "sending to too many queues at once (limit {})",
+                self.config.max_senders_per_app
+            )));
+        }
+        if let Some(sender) = existing
+            && !sender.matches(&recipient)
+            && !sender.rekeyable()
+        {
+            return Err(PoolError::InvalidArgument(
+                "queue URI has a different dh key than the earlier sends to this queue that \
+                 are still in progress or were delivered"
+                    .to_owned(),
+            ));
+        }
+        self.charge(token, &key, app, Budget::Send)?;
         let sender = self
             .senders
             .entry(dest)
             .or_insert_with(|| SndQueue::new(rng, &uri, recipient));
         if !sender.matches(&recipient) {
-            return Err(PoolError::InvalidArgument(
-                "queue URI has a different dh key than earlier sends to this queue".to_owned(),
-            ));
+            // A stale or wrong URI was used first, and nothing of it reached the recipient.
+            tracing::info!(server = %key, "queue URI with a new dh key replaces the old one");
+            sender.rekey(rng, &uri, recipient);
+        }
+        if sender.apps.insert(app.to_owned()) {
+            *self.app_senders.entry(app.to_owned()).or_default() += 1;
         }
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -657,12 +901,43 @@ impl<M: Mailbox> Pool<M> {
             envelope_seq,
             maybe_stored: false,
             token,
+            app: app.to_owned(),
             body,
             state: OutState::Queued,
             retries: 0,
             queued_at: now,
         });
         self.connect_or_run(now, rng, &key);
+        Ok(())
+    }
+
+    /// Charges a request the pool accepted to `app`'s budget on `key`, until its reply.
+    fn charge(
+        &mut self,
+        token: RequestToken,
+        key: &ServerKey,
+        app: &str,
+        budget: Budget,
+    ) -> Result<(), PoolError> {
+        if self.charges.contains_key(&token) {
+            // The driver reused the token of a request still running: its reply could not
+            // be told apart.
+            return Err(PoolError::InvalidArgument(format!(
+                "request token {} is already in use",
+                token.0
+            )));
+        }
+        if let Some(s) = self.servers.get_mut(key) {
+            s.charge(app, budget);
+        }
+        self.charges.insert(
+            token,
+            Charge {
+                server: key.clone(),
+                app: app.to_owned(),
+                budget,
+            },
+        );
         Ok(())
     }
 
@@ -681,6 +956,7 @@ impl<M: Mailbox> Pool<M> {
         })?;
         let key = ServerKey::new(address, transport);
         if !self.servers.contains_key(&key) {
+            self.make_room(&key)?;
             let policy = self.policy_for(&key);
             let server = Server::new(now, address, KeyHash::from_bytes(key_hash), policy);
             self.servers.insert(key.clone(), server);
@@ -717,28 +993,55 @@ impl<M: Mailbox> Pool<M> {
         }
     }
 
-    fn check_capacity(&self, key: &ServerKey) -> Result<(), PoolError> {
+    /// A new server entry needs room: at `max_servers`, the unused server that has been
+    /// unused longest is forgotten early; when every one is in use the request fails.
+    fn make_room(&mut self, key: &ServerKey) -> Result<(), PoolError> {
+        if self.servers.len() < self.config.max_servers {
+            return Ok(());
+        }
+        let oldest = self
+            .servers
+            .iter()
+            .filter(|(k, s)| self.collectable(k, s))
+            .min_by_key(|(_, s)| s.since)
+            .map(|(k, _)| k.clone());
+        match oldest {
+            Some(old) => {
+                tracing::debug!(server = %old, "forgetting an unused server for a new one");
+                self.servers.remove(&old);
+                self.touched.remove(&old);
+                Ok(())
+            }
+            None => Err(PoolError::LimitReached(format!(
+                "too many servers in use (limit {}); not adding {key}",
+                self.config.max_servers
+            ))),
+        }
+    }
+
+    /// Each app has its own budget per server, one for messages and one for queue creations
+    /// and deletions, so one app's backlog cannot make another's requests fail.
+    fn check_capacity(&self, key: &ServerKey, app: &str, budget: Budget) -> Result<(), PoolError> {
         let Some(s) = self.servers.get(key) else {
             return Ok(());
         };
-        let commands = s
-            .commands
-            .values()
-            .filter(|f| matches!(f.pending, Pending::New(_) | Pending::Del { .. }))
-            .count();
-        let outbox: usize = self
-            .senders
-            .iter()
-            .filter(|(d, _)| d.server == *key)
-            .map(|(_, q)| q.outbox.len())
-            .sum();
-        if s.deferred.len() + commands + outbox >= self.config.max_pending_per_server {
+        let load = s.load(app);
+        let (used, limit, what) = match budget {
+            Budget::Send => (
+                load.sends,
+                self.config.max_pending_per_server,
+                "messages waiting",
+            ),
+            Budget::Request => (
+                load.requests,
+                self.config.max_pending_requests_per_server,
+                "queue requests waiting",
+            ),
+        };
+        if used >= limit {
             return Err(PoolError::upstream(
                 key,
-                format!(
-                    "too many pending requests (limit {})",
-                    self.config.max_pending_per_server
-                ),
+                format!("too many pending requests: {used} {what} for this app (limit {limit})"),
             ));
         }
         Ok(())
@@ -770,7 +1073,7 @@ impl<M: Mailbox> Pool<M> {
         let Some(s) = self.servers.get_mut(key) else {
             return;
         };
-        s.connect_deadline = Some(now + self.config.connect_timeout);
+        s.connect_deadline = Some(later(now, self.config.connect_timeout));
         s.retry_at = None;
         self.actions.push_back(Action::Connect {
             server: key.clone(),
@@ -824,9 +1127,10 @@ impl<M: Mailbox> Pool<M> {
         if s.next_ping() > now {
             return;
         }
-        let deadline = now + s.policy.pong_timeout;
+        let deadline = later(now, s.policy.pong_timeout);
         match command_on(
             &mut self.servers,
+            &mut self.touched,
             now,
             rng,
             key,
@@ -856,7 +1160,7 @@ impl<M: Mailbox> Pool<M> {
             Some(t) => t,
             None => match s.backoff.next_delay(rng) {
                 Some(delay) => {
-                    let at = s.since + delay;
+                    let at = later(s.since, delay);
                     s.retry_at = Some(at);
                     let attempt = s.backoff.attempt();
                     tracing::debug!(server = %key, ?delay, attempt, "reconnecting later");
@@ -899,7 +1203,7 @@ impl<M: Mailbox> Pool<M> {
             return;
         }
         let since = *s.idle_since.get_or_insert(now);
-        if since + after <= now {
+        if later(since, after) <= now {
             tracing::debug!(server = %key, "closing an idle connection");
             s.conn = None;
             s.idle_since = None;
@@ -922,7 +1226,7 @@ impl<M: Mailbox> Pool<M> {
             .flat_map(|(d, q)| {
                 q.outbox
                     .iter()
-                    .filter(|m| m.state == OutState::Queued && m.queued_at + timeout <= now)
+                    .filter(|m| m.state == OutState::Queued && later(m.queued_at, timeout) <= now)
                     .map(|m| (d.clone(), m.seq))
             })
             .collect();
@@ -950,17 +1254,14 @@ impl<M: Mailbox> Pool<M> {
                     token,
                     basic_auth,
                 } => self.send_new(now, rng, key, app, token, basic_auth),
-                Deferred::Delete { token, queue_id } => {
+                Deferred::Delete {
+                    token, queue_id, ..
+                } => {
                     self.send_del(now, rng, key, token, queue_id);
                 }
             }
         }
-        let dests: Vec<DestKey> = self
-            .senders
-            .keys()
-            .filter(|d| d.server == *key)
-            .cloned()
-            .collect();
+        let dests: Vec<DestKey> = self.senders_of(key).map(|(d, _)| d.clone()).collect();
         for dest in &dests {
             self.pump(now, rng, dest);
         }
@@ -973,7 +1274,7 @@ impl<M: Mailbox> Pool<M> {
         key: &ServerKey,
         app: String,
         token: RequestToken,
-        basic_auth: Option<String>,
+        basic_auth: Option<Zeroizing<String>>,
     ) {
         let keys = NewQueueKeys {
             app,
@@ -982,10 +1283,10 @@ impl<M: Mailbox> Pool<M> {
             rcv_dh: X25519SecretKey::generate(rng),
             e2e: X25519SecretKey::generate(rng),
         };
-        let command = Command::New(NewQueue {
+        let mut command = Command::New(NewQueue {
             rcv_auth_key: keys.rcv_auth.public_key().to_spki(),
             rcv_dh_key: keys.rcv_dh.public_key().to_spki(),
-            basic_auth: basic_auth.map(String::into_bytes),
+            basic_auth: basic_auth.map(|p| p.as_bytes().to_vec()),
             sub_mode: SubscriptionMode::Subscribe,
             // A messaging queue lets the sender secure it (SKEY) at v9+; older servers
             // ignore the field.
@@ -993,8 +1294,9 @@ impl<M: Mailbox> Pool<M> {
             ntf_creds: None,
         });
         let auth = QueueAuthKey::Ed25519(keys.rcv_auth.clone());
-        if let Err(e) = command_on(
+        let sent = command_on(
             &mut self.servers,
+            &mut self.touched,
             now,
             rng,
             key,
@@ -1002,7 +1304,14 @@ impl<M: Mailbox> Pool<M> {
             &command,
             Some(&auth),
             Pending::New(Box::new(keys)),
-        ) {
+        );
+        // The password is in the encoded block now; wipe this copy.
+        if let Command::New(n) = &mut command
+            && let Some(p) = n.basic_auth.as_mut()
+        {
+            p.zeroize();
+        }
+        if let Err(e) = sent {
             self.reply(token, Err(PoolError::upstream(key, format!("NEW: {e}"))));
         }
     }
@@ -1021,6 +1330,7 @@ impl<M: Mailbox> Pool<M> {
         };
         let result = command_on(
             &mut self.servers,
+            &mut self.touched,
             now,
             rng,
             key,
@@ -1062,6 +1372,7 @@ impl<M: Mailbox> Pool<M> {
                     let pending = Pending::SKey { dest: dest.clone() };
                     let sent = command_on(
                         &mut self.servers,
+                        &mut self.touched,
                         now,
                         rng,
                         &dest.server,
@@ -1133,6 +1444,7 @@ impl<M: Mailbox> Pool<M> {
             };
             let sent = command_on(
                 &mut self.servers,
+                &mut self.touched,
                 now,
                 rng,
                 &dest.server,
@@ -1160,10 +1472,12 @@ impl<M: Mailbox> Pool<M> {
 
     // ---- connection events ----
 
-    /// Processes every connection's events, then collects the blocks they want to send.
+    /// Processes the events of every connection that had input or commands since the last
+    /// call, then collects the blocks they want to send. Servers nothing happened to are not
+    /// visited, so the work follows the traffic rather than the size of the server table.
     fn drive_all<R: RngCore + CryptoRng>(&mut self, now: Instant, rng: &mut R) {
-        let keys: Vec<ServerKey> = self.servers.keys().cloned().collect();
-        for key in &keys {
+        while let Some(key) = self.touched.pop_first() {
+            let key = &key;
             while let Some(event) = self
                 .servers
                 .get_mut(key)
@@ -1172,6 +1486,8 @@ impl<M: Mailbox> Pool<M> {
             {
                 self.on_event(now, rng, key, event);
             }
+            // Commands the events caused go out with the blocks collected next.
+            self.touched.remove(key);
             let Some(conn) = self.servers.get_mut(key).and_then(|s| s.conn.as_mut()) else {
                 continue;
             };
@@ -1217,7 +1533,11 @@ impl<M: Mailbox> Pool<M> {
                     return;
                 };
                 // Every answer is a free lag sample; a timeout is our own verdict, not one.
-                if !matches!(result, Err(CommandError::Timeout)) {
+                let timed_out = matches!(result, Err(CommandError::Timeout));
+                if timed_out {
+                    s.command_timeouts += 1;
+                } else {
+                    s.command_timeouts = 0;
                     let source = match flight.pending {
                         Pending::Ping => LagSource::Ping,
                         _ => LagSource::Command,
@@ -1225,7 +1545,21 @@ impl<M: Mailbox> Pool<M> {
                     s.lag
                         .push(now, now.saturating_duration_since(flight.sent), source);
                 }
+                let dead = timed_out && s.command_timeouts >= s.policy.max_command_timeouts.max(1);
+                let timeouts = s.command_timeouts;
                 self.on_response(now, rng, key, flight.pending, result);
+                let connected = self.servers.get(key).is_some_and(|s| s.conn.is_some());
+                if dead && connected {
+                    // Traffic may still arrive (so keep-alive sees a live link), but the
+                    // server answers nothing: it stopped reading, or its half of the link is
+                    // gone. Writing on would only pile up blocks in the driver.
+                    let reason = format!("{timeouts} commands in a row timed out");
+                    tracing::info!(server = %key, %reason, "dead link");
+                    self.lost(now, key, reason, Loss::Transient);
+                    self.actions.push_back(Action::Disconnect {
+                        server: key.clone(),
+                    });
+                }
             }
             Event::ServerEvent {
                 entity_id,
@@ -1345,6 +1679,7 @@ impl<M: Mailbox> Pool<M> {
         };
         match command_on(
             &mut self.servers,
+            &mut self.touched,
             now,
             rng,
             key,
@@ -1384,6 +1719,7 @@ impl<M: Mailbox> Pool<M> {
         };
         if let Err(e) = command_on(
             &mut self.servers,
+            &mut self.touched,
             now,
             rng,
             key,
@@ -1547,12 +1883,15 @@ impl<M: Mailbox> Pool<M> {
             delivered: SeqWindow::new(),
             duplicates_suppressed: 0,
             malformed_rejected: 0,
+            confirmations_rejected: 0,
+            held_ack: None,
         };
         let info = self.info(&queue_id, &queue);
         tracing::debug!(server = %key, %queue_id, app = %queue.app, "queue created");
         self.queues.insert(queue_id, queue);
         if let Some(s) = self.servers.get_mut(key) {
             s.live_queues += 1;
+            s.queues += 1;
         }
         Ok(PoolReply::QueueCreated(info))
     }
@@ -1574,11 +1913,26 @@ impl<M: Mailbox> Pool<M> {
             return;
         };
         let mut secure_with = None;
+        let before = self.mailbox.count(&queue_id);
+        let before_bytes = self.mailbox.waiting_bytes(&queue_id);
         match q.open(msg_id, body) {
             Opened::Quota => {}
+            Opened::SecondConfirmation => {
+                tracing::warn!(
+                    server = %key,
+                    %queue_id,
+                    "refusing a second sender's confirmation"
+                );
+                q.last_error = Some(
+                    "dropped a confirmation from a second sender (the queue already has one)"
+                        .to_owned(),
+                );
+                q.confirmations_rejected += 1;
+                self.confirmations_rejected += 1;
+            }
             Opened::Message {
                 ts,
-                body,
+                mut body,
                 secure_with: k,
             } => {
                 // A legacy confirmation is honoured even when its copy is dropped below: the
@@ -1587,7 +1941,10 @@ impl<M: Mailbox> Pool<M> {
                     secure_with = k;
                 }
                 let id = base64url_encode(msg_id);
-                match admit(&mut self.mailbox, q, &queue_id, id, ts, &body) {
+                let admitted = admit(&mut self.mailbox, q, &queue_id, id, ts, &body);
+                // The mailbox has its own copy; this one is plaintext.
+                body.zeroize();
+                match admitted {
                     Admitted::New { late } => {
                         if late {
                             // Possible only when the server refused it while later messages
@@ -1618,10 +1975,27 @@ impl<M: Mailbox> Pool<M> {
                 q.last_error = Some(format!("dropped a message: {reason}"));
             }
         }
+        let app = q.app.clone();
         if let Some(k) = secure_with {
             let command = Command::Key(k.to_spki());
             q.sender_key = Some(*k);
             self.queue_command(now, rng, key, &queue_id, &command);
+        }
+        let after = self.usage(&queue_id);
+        let before = Waiting {
+            messages: before,
+            bytes: before_bytes,
+        };
+        self.account(&app, before, after);
+        if self.at_limit(&app, &queue_id) {
+            // The server sends the next message of this queue only after our ACK: holding it
+            // keeps the rest on the server, under its quota, until the app catches up.
+            tracing::debug!(server = %key, %queue_id, %app, "queue full; holding its ACK");
+            if let Some(q) = self.queues.get_mut(&queue_id) {
+                q.held_ack = Some(msg_id.to_vec());
+            }
+            self.held.insert((app, queue_id));
+            return;
         }
         self.queue_command(now, rng, key, &queue_id, &Command::Ack(msg_id.to_vec()));
     }
@@ -1640,7 +2014,7 @@ impl<M: Mailbox> Pool<M> {
             Ok(_) => s.secured = Secured::Yes,
             Err(CommandError::Timeout) => {
                 s.secured = Secured::No;
-                s.retry_at = Some(now + self.config.auth_retry_delay);
+                s.retry_at = Some(later(now, self.config.auth_retry_delay));
             }
             Err(e) => {
                 s.secured = Secured::No;
@@ -1692,7 +2066,7 @@ impl<M: Mailbox> Pool<M> {
                 // The recipient's queue is full: wait, then resend in order.
                 s.outbox[pos].state = OutState::Queued;
                 s.cautious = true;
-                s.retry_at = Some(now + self.config.quota_retry_delay);
+                s.retry_at = Some(later(now, self.config.quota_retry_delay));
                 None
             }
             Err(CommandError::Server(ErrorType::Auth)) => match kind {
@@ -1705,7 +2079,7 @@ impl<M: Mailbox> Pool<M> {
                     } else {
                         msg.state = OutState::Queued;
                         s.cautious = true;
-                        s.retry_at = Some(now + self.config.auth_retry_delay);
+                        s.retry_at = Some(later(now, self.config.auth_retry_delay));
                         None
                     }
                 }
@@ -1730,7 +2104,7 @@ impl<M: Mailbox> Pool<M> {
                 s.outbox[pos].maybe_stored = true;
                 s.outbox[pos].state = OutState::Queued;
                 s.cautious = true;
-                s.retry_at = Some(now + self.config.auth_retry_delay);
+                s.retry_at = Some(later(now, self.config.auth_retry_delay));
                 None
             }
             Err(e) => Some(format!("SEND: {e}")),
@@ -1784,12 +2158,7 @@ impl<M: Mailbox> Pool<M> {
                 }
             }
         }
-        let dests: Vec<DestKey> = self
-            .senders
-            .keys()
-            .filter(|d| d.server == *key)
-            .cloned()
-            .collect();
+        let dests: Vec<DestKey> = self.senders_of(key).map(|(d, _)| d.clone()).collect();
         for dest in &dests {
             if let Some(s) = self.senders.get_mut(dest) {
                 s.reset_after_loss();
@@ -1830,6 +2199,7 @@ impl<M: Mailbox> Pool<M> {
         for msg in std::mem::take(&mut s.outbox) {
             self.reply(msg.token, Err(error.clone()));
         }
+        self.drop_sender_if_unused(dest);
     }
 
     fn fail_message(&mut self, dest: &DestKey, seq: u64, error: PoolError) {
@@ -1839,14 +2209,38 @@ impl<M: Mailbox> Pool<M> {
         if let Some(msg) = s.position(seq).and_then(|p| s.outbox.remove(p)) {
             self.reply(msg.token, Err(error));
         }
+        self.drop_sender_if_unused(dest);
+    }
+
+    /// Forgets a sender entry that has nothing to send and never tied the queue to its keys
+    /// (sends to made-up or dead queues would otherwise pile up entries for ever).
+    fn drop_sender_if_unused(&mut self, dest: &DestKey) {
+        if !self.senders.get(dest).is_some_and(SndQueue::disposable) {
+            return;
+        }
+        if let Some(s) = self.senders.remove(dest) {
+            for app in &s.apps {
+                if let Some(n) = self.app_senders.get_mut(app) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.app_senders.remove(app);
+                    }
+                }
+            }
+        }
     }
 
     fn forget(&mut self, queue_id: &str) {
-        if let Some(q) = self.queues.remove(queue_id)
-            && live(q.subscription)
-            && let Some(s) = self.servers.get_mut(&q.server)
-        {
-            s.live_queues = s.live_queues.saturating_sub(1);
+        let before = self.usage(queue_id);
+        if let Some(q) = self.queues.remove(queue_id) {
+            if let Some(s) = self.servers.get_mut(&q.server) {
+                s.queues = s.queues.saturating_sub(1);
+                if live(q.subscription) {
+                    s.live_queues = s.live_queues.saturating_sub(1);
+                }
+            }
+            self.account(&q.app, before, Waiting::default());
+            self.held.remove(&(q.app, queue_id.to_owned()));
         }
         self.mailbox.remove_queue(queue_id);
     }
@@ -1917,7 +2311,13 @@ impl<M: Mailbox> Pool<M> {
         }
     }
 
+    /// Answers a request, which frees what it was charged to its app's budget.
     fn reply(&mut self, token: RequestToken, result: Result<PoolReply, PoolError>) {
+        if let Some(c) = self.charges.remove(&token)
+            && let Some(s) = self.servers.get_mut(&c.server)
+        {
+            s.release(&c.app, c.budget);
+        }
         self.actions.push_back(Action::Reply { token, result });
     }
 }
@@ -1977,6 +2377,7 @@ fn admit<M: Mailbox>(
 #[allow(clippy::too_many_arguments)]
 fn command_on<R: RngCore + CryptoRng>(
     servers: &mut BTreeMap<ServerKey, Server>,
+    touched: &mut BTreeSet<ServerKey>,
     now: Instant,
     rng: &mut R,
     key: &ServerKey,
@@ -1991,5 +2392,6 @@ fn command_on<R: RngCore + CryptoRng>(
         .send_command(now, rng, entity_id, command, auth)
         .map_err(|e| e.to_string())?;
     s.commands.insert(corr_id, Flight { pending, sent: now });
+    touched.insert(key.clone());
     Ok(corr_id)
 }

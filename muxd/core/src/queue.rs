@@ -45,6 +45,11 @@ pub(crate) struct RcvQueue {
     pub(crate) delivered: SeqWindow,
     pub(crate) duplicates_suppressed: u64,
     pub(crate) malformed_rejected: u64,
+    /// Confirmations refused because another sender's was accepted first.
+    pub(crate) confirmations_rejected: u64,
+    /// The msgId whose `ACK` is held back while the queue or its app is at its
+    /// waiting-message limit (the server sends nothing more on the queue until it comes).
+    pub(crate) held_ack: Option<Vec<u8>>,
 }
 
 /// What a `MSG` on a queue turned out to be.
@@ -61,12 +66,18 @@ pub(crate) enum Opened {
     },
     /// Nothing usable; the reason is recorded on the queue.
     Undecryptable(String),
+    /// A confirmation from a sender other than the one whose confirmation set the queue's
+    /// e2e secret: refused, so it cannot take the queue from the first sender.
+    SecondConfirmation,
 }
 
 impl RcvQueue {
     /// Decrypts the server layer, then the e2e envelope. A confirmation (sender key in the
-    /// clear header) sets the queue's e2e secret, but only once it has opened correctly, so a
-    /// forged header cannot replace a working secret with a useless one.
+    /// clear header) sets the queue's e2e secret, but only once it has opened correctly and
+    /// only the first time: anyone holding the URI can send a confirmation, and a later one
+    /// replacing the secret would make the first sender's messages undecryptable. A copy of
+    /// the accepted confirmation (the sender resent it after a lost OK) yields the same
+    /// secret and is opened as usual (the envelope seq then drops it).
     pub(crate) fn open(&mut self, msg_id: &[u8], enc_body: &[u8]) -> Opened {
         let (ts, sent) = match e2e::decrypt_msg_body(&self.rcv_dh_secret, msg_id, enc_body) {
             Ok(RcvMsgBody::Quota { .. }) => return Opened::Quota,
@@ -80,10 +91,14 @@ impl RcvQueue {
         };
         let message = if envelope.header.sender_e2e_key.is_some() {
             match envelope.open_confirmation(&self.e2e) {
-                Ok((secret, msg)) => {
-                    self.e2e_secret = Some(secret);
-                    msg
-                }
+                Ok((secret, msg)) => match &self.e2e_secret {
+                    None => {
+                        self.e2e_secret = Some(secret);
+                        msg
+                    }
+                    Some(known) if *known == secret => msg,
+                    Some(_) => return Opened::SecondConfirmation,
+                },
                 Err(e) => return Opened::Undecryptable(format!("confirmation: {e}")),
             }
         } else {

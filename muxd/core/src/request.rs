@@ -1,7 +1,10 @@
 //! What apps ask of the pool, and what the pool asks of its driver.
 
+use std::fmt;
+
 use muxd_smp::cert::KeyHash;
 
+use crate::config::redact_address;
 use crate::error::PoolError;
 use crate::server::ServerKey;
 
@@ -13,7 +16,9 @@ pub struct RequestToken(pub u64);
 ///
 /// Local questions (an app's queues, its waiting messages, acknowledging one) are answered
 /// at once by [`crate::Pool::queues`], [`crate::Pool::messages`] and [`crate::Pool::ack`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// `Debug` hides server passwords and message bodies (it shows their length).
+#[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum PoolRequest {
     /// Create a receiving queue on `server` (`smp://<keyHash>[:<password>]@host[:port]`).
@@ -35,6 +40,27 @@ pub enum PoolRequest {
         /// The message; at most [`crate::MAX_BODY_LEN`] bytes.
         body: Vec<u8>,
     },
+}
+
+impl fmt::Debug for PoolRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::CreateQueue { server, websocket } => f
+                .debug_struct("CreateQueue")
+                .field("server", &redact_address(server))
+                .field("websocket", websocket)
+                .finish(),
+            Self::DeleteQueue { queue_id } => f
+                .debug_struct("DeleteQueue")
+                .field("queue_id", queue_id)
+                .finish(),
+            Self::Send { queue_uri, body } => f
+                .debug_struct("Send")
+                .field("queue_uri", &redact_address(queue_uri))
+                .field("body_len", &body.len())
+                .finish(),
+        }
+    }
 }
 
 /// A successful answer to a [`PoolRequest`].
@@ -99,6 +125,9 @@ pub struct QueueInfo {
     /// Messages acknowledged and dropped because they carried no muxd app envelope this pool
     /// reads (`docs/envelope.md`).
     pub malformed_rejected: u64,
+    /// Confirmations acknowledged and dropped because another sender's confirmation was
+    /// accepted first (someone else with the URI tried to take the queue over).
+    pub confirmations_rejected: u64,
 }
 
 /// Something the driver must do, or pass on.

@@ -1,7 +1,8 @@
 //! The sender side of a queue: securing it, the first-message confirmation, and the ordered
 //! outbox of messages waiting for the server's OK.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
+use std::fmt;
 use std::time::Instant;
 
 use muxd_smp::address::QueueUri;
@@ -11,6 +12,7 @@ use muxd_smp::e2e::{ClientMessage, ClientMsgEnvelope, E2eError, PrivHeader};
 use muxd_smp::keys::{DhSecret, Ed25519SecretKey, X25519PublicKey, X25519SecretKey};
 use muxd_smp::version::SND_AUTH_KEY;
 use rand_core::{CryptoRng, RngCore};
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::envelope::Envelope;
 use crate::request::RequestToken;
@@ -62,8 +64,7 @@ pub(crate) enum OutState {
     InFlight(SendKind),
 }
 
-/// A message waiting for the server's OK.
-#[derive(Debug)]
+/// A message waiting for the server's OK. `Debug` shows the body's length, not the body.
 pub(crate) struct OutMsg {
     /// The pool's id of the message (unique in the pool, the `message_id` of the reply).
     pub(crate) seq: u64,
@@ -74,15 +75,39 @@ pub(crate) struct OutMsg {
     /// out before the answer): the server may hold a copy.
     pub(crate) maybe_stored: bool,
     pub(crate) token: RequestToken,
-    pub(crate) body: Vec<u8>,
+    /// The app that sent it; its budget on the server pays for it.
+    pub(crate) app: String,
+    /// The plaintext, wiped when the message is dropped.
+    pub(crate) body: Zeroizing<Vec<u8>>,
     pub(crate) state: OutState,
     pub(crate) retries: u32,
     /// When the app asked; bounds the wait with [`crate::PoolConfig::send_timeout`].
     pub(crate) queued_at: Instant,
 }
 
+impl fmt::Debug for OutMsg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OutMsg")
+            .field("seq", &self.seq)
+            .field("envelope_seq", &self.envelope_seq)
+            .field("maybe_stored", &self.maybe_stored)
+            .field("token", &self.token)
+            .field("app", &self.app)
+            .field("body_len", &self.body.len())
+            .field("state", &self.state)
+            .field("retries", &self.retries)
+            .field("queued_at", &self.queued_at)
+            .finish()
+    }
+}
+
 /// Sender state for one destination queue, shared by every app that sends to it: the queue
 /// accepts one sender key, so apps sending to the same URI must use the same one.
+///
+/// That is also why the table is keyed by queue (server and sender id) and not by the URI's
+/// e2e key: a second entry with another key could never send once the first secured the
+/// queue. A URI with another e2e key replaces this one's while nothing can have reached the
+/// recipient yet ([`Self::rekey`]); after that it is refused.
 #[derive(Debug)]
 pub(crate) struct SndQueue {
     recipient_e2e: X25519PublicKey,
@@ -99,6 +124,9 @@ pub(crate) struct SndQueue {
     pub(crate) retry_at: Option<Instant>,
     /// The next envelope seq to hand out; starts at 1.
     next_envelope_seq: u64,
+    /// The apps that sent through this entry; each counts it against
+    /// [`crate::PoolConfig::max_senders_per_app`].
+    pub(crate) apps: BTreeSet<String>,
 }
 
 impl SndQueue {
@@ -122,7 +150,38 @@ impl SndQueue {
             cautious: false,
             retry_at: None,
             next_envelope_seq: 1,
+            apps: BTreeSet::new(),
         }
+    }
+
+    /// Whether a URI with another recipient e2e key may replace this entry's: nothing is
+    /// waiting to go and no confirmation went out, so the recipient cannot have our e2e key
+    /// yet. The auth key stays: the queue may already be secured with it (SKEY).
+    pub(crate) fn rekeyable(&self) -> bool {
+        self.confirmation == Confirmation::NotSent && self.outbox.is_empty()
+    }
+
+    /// Switches to the recipient e2e key of a newer URI; see [`Self::rekeyable`].
+    pub(crate) fn rekey<R: RngCore + CryptoRng>(
+        &mut self,
+        rng: &mut R,
+        uri: &QueueUri,
+        recipient_e2e: X25519PublicKey,
+    ) {
+        self.e2e = X25519SecretKey::generate(rng);
+        self.e2e_secret = self.e2e.diffie_hellman(&recipient_e2e);
+        self.recipient_e2e = recipient_e2e;
+        self.client_version = uri.client_versions.max.min(CLIENT_VERSION);
+        self.messaging = uri.queue_mode == Some(QueueMode::Messaging);
+    }
+
+    /// Whether the entry can be forgotten: nothing to send, and nothing that ties the queue
+    /// to its keys (not secured, no confirmation sent). A secured queue accepts only this
+    /// entry's key, so such entries are kept.
+    pub(crate) fn disposable(&self) -> bool {
+        self.outbox.is_empty()
+            && self.secured == Secured::No
+            && self.confirmation == Confirmation::NotSent
     }
 
     /// The envelope seq for a message the app just handed over.
@@ -160,13 +219,15 @@ impl SndQueue {
         }
         .to_bytes();
         if self.confirmation == Confirmation::Confirmed {
-            let msg = ClientMessage {
+            let mut msg = ClientMessage {
                 header: PrivHeader::Empty,
                 body,
             };
             let env =
-                ClientMsgEnvelope::seal(rng, self.client_version, None, &self.e2e_secret, &msg)?;
-            return Ok((env.encode()?, SendKind::Message));
+                ClientMsgEnvelope::seal(rng, self.client_version, None, &self.e2e_secret, &msg);
+            // The plaintext copy is no longer needed, whatever the outcome.
+            msg.body.zeroize();
+            return Ok((env?.encode()?, SendKind::Message));
         }
         // In the legacy flow the confirmation carries our auth key so the recipient can KEY.
         let header = if fast {
@@ -174,14 +235,16 @@ impl SndQueue {
         } else {
             PrivHeader::Confirmation(self.auth.public_key())
         };
-        let msg = ClientMessage { header, body };
+        let mut msg = ClientMessage { header, body };
         let env = ClientMsgEnvelope::seal_confirmation(
             rng,
             self.client_version,
             &self.e2e,
             &self.recipient_e2e,
             &msg,
-        )?;
+        );
+        msg.body.zeroize();
+        let env = env?;
         let kind = SendKind::Confirmation {
             signed: fast,
             after_unknown: self.confirmation == Confirmation::Unknown,
@@ -261,7 +324,8 @@ mod tests {
             envelope_seq,
             maybe_stored: false,
             token: RequestToken(envelope_seq),
-            body: Vec::new(),
+            app: "app".to_owned(),
+            body: Zeroizing::new(Vec::new()),
             state: OutState::Queued,
             retries: 0,
             queued_at: Instant::now(),
@@ -282,6 +346,40 @@ mod tests {
         let marks: Vec<bool> = q.outbox.iter().map(|m| m.maybe_stored).collect();
         assert_eq!(marks, [true, true, false], "only what was on the wire");
         assert!(q.outbox.iter().all(|m| m.state == OutState::Queued));
+    }
+
+    #[test]
+    fn a_new_dh_key_replaces_the_old_only_before_the_confirmation() {
+        let mut rng = ChaCha20Rng::seed_from_u64(3);
+        let mut q = queue();
+        q.secured = Secured::Yes;
+        let auth = q.auth.public_key();
+        assert!(
+            q.rekeyable() && !q.disposable(),
+            "secured: kept, but re-keyable"
+        );
+        let newer = X25519SecretKey::generate(&mut rng).public_key();
+        assert!(!q.matches(&newer));
+        let uri = QueueUri {
+            server: SmpServer {
+                key_hash: vec![0; 32],
+                basic_auth: None,
+                hosts: vec!["relay.test".into()],
+                port: None,
+            },
+            sender_id: vec![1],
+            client_versions: VersionRange { min: 2, max: 4 },
+            dh_key: newer.to_spki(),
+            queue_mode: Some(QueueMode::Messaging),
+        };
+        q.rekey(&mut rng, &uri, newer);
+        assert!(q.matches(&newer));
+        assert_eq!(q.auth.public_key(), auth, "the queue only accepts this key");
+        push(&mut q);
+        assert!(!q.rekeyable(), "a message waits");
+        q.outbox.clear();
+        q.confirmation = Confirmation::Unknown;
+        assert!(!q.rekeyable(), "the recipient may have our key");
     }
 
     #[test]

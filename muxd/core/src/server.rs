@@ -10,7 +10,10 @@ use muxd_smp::address::SmpServer;
 use muxd_smp::cert::{CertPublicKey, KeyHash};
 use muxd_smp::connection::{Connection, CorrId};
 
+use zeroize::Zeroizing;
+
 use crate::config::ServerPolicy;
+use crate::deadline::later;
 use crate::error::PoolError;
 use crate::request::RequestToken;
 
@@ -165,20 +168,65 @@ pub struct TransportInfo {
     pub tls_session_id: Option<Vec<u8>>,
 }
 
-/// A request that waits for the server to come up.
-#[derive(Debug)]
+/// A request that waits for the server to come up. `Debug` hides the server password.
 pub(crate) enum Deferred {
     /// Create a queue for `app`.
     Create {
         app: String,
         token: RequestToken,
-        basic_auth: Option<String>,
+        basic_auth: Option<Zeroizing<String>>,
     },
     /// Delete a queue of `app`.
     Delete {
+        app: String,
         token: RequestToken,
         queue_id: String,
     },
+}
+
+impl fmt::Debug for Deferred {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Create {
+                app,
+                token,
+                basic_auth,
+            } => f
+                .debug_struct("Create")
+                .field("app", app)
+                .field("token", token)
+                .field("basic_auth", &basic_auth.as_ref().map(|_| "<redacted>"))
+                .finish(),
+            Self::Delete {
+                app,
+                token,
+                queue_id,
+            } => f
+                .debug_struct("Delete")
+                .field("app", app)
+                .field("token", token)
+                .field("queue_id", queue_id)
+                .finish(),
+        }
+    }
+}
+
+/// What one app has waiting for a server or in flight to it, against its budgets there
+/// ([`crate::PoolConfig::max_pending_per_server`] and
+/// [`crate::PoolConfig::max_pending_requests_per_server`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct AppLoad {
+    /// Messages to send.
+    pub(crate) sends: usize,
+    /// Queue creations and deletions.
+    pub(crate) requests: usize,
+}
+
+/// Which budget a request is charged to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Budget {
+    Send,
+    Request,
 }
 
 /// A command in flight: what it was for and when it was sent (for the lag history).
@@ -261,6 +309,12 @@ pub(crate) struct Server {
     pub(crate) live_queues: usize,
     /// Since when the connection has had nothing to do.
     pub(crate) idle_since: Option<Instant>,
+    /// Apps' queues on this server, whatever their subscription.
+    pub(crate) queues: usize,
+    /// Commands in a row that timed out, with no answer to any command in between.
+    pub(crate) command_timeouts: u32,
+    /// Per app: what it has waiting for this server or in flight to it.
+    pub(crate) load: BTreeMap<String, AppLoad>,
 }
 
 impl Server {
@@ -292,6 +346,9 @@ impl Server {
             probe: false,
             live_queues: 0,
             idle_since: None,
+            queues: 0,
+            command_timeouts: 0,
+            load: BTreeMap::new(),
             policy,
             host: dial_host(server).to_owned(),
             port: server.port_or_default(),
@@ -333,11 +390,38 @@ impl Server {
             // Right away: `since` is in the past.
             return self.since.min(self.last_received);
         }
-        let idle = self.last_received + self.policy.ping_idle;
+        let idle = later(self.last_received, self.policy.ping_idle);
         match (self.lag_watch, self.last_ping) {
-            (Some(every), Some(last)) => idle.min(last + every),
+            (Some(every), Some(last)) => idle.min(later(last, every)),
             (Some(_), None) => self.last_received,
             (None, _) => idle,
+        }
+    }
+
+    /// What `app` has waiting for this server or in flight to it.
+    pub(crate) fn load(&self, app: &str) -> AppLoad {
+        self.load.get(app).copied().unwrap_or_default()
+    }
+
+    /// Counts one more request of `app` against `budget`.
+    pub(crate) fn charge(&mut self, app: &str, budget: Budget) {
+        let load = self.load.entry(app.to_owned()).or_default();
+        match budget {
+            Budget::Send => load.sends += 1,
+            Budget::Request => load.requests += 1,
+        }
+    }
+
+    /// A request of `app` charged to `budget` was answered.
+    pub(crate) fn release(&mut self, app: &str, budget: Budget) {
+        if let Some(load) = self.load.get_mut(app) {
+            match budget {
+                Budget::Send => load.sends = load.sends.saturating_sub(1),
+                Budget::Request => load.requests = load.requests.saturating_sub(1),
+            }
+            if *load == AppLoad::default() {
+                self.load.remove(app);
+            }
         }
     }
 

@@ -231,15 +231,20 @@ fn long_runs_keep_their_order_through_quota_retries() {
 
 /// What a sender other than the pool would SEND to the queue of `uri`: a confirmation whose
 /// private body is exactly `body` (so it may carry any app envelope, or none).
-fn foreign_send(rng: &mut ChaCha20Rng, uri: &str, body: Vec<u8>) -> Vec<u8> {
+/// The sender's e2e key is `sender`: a queue accepts confirmations from one sender only.
+fn foreign_send(
+    rng: &mut ChaCha20Rng,
+    sender: &X25519SecretKey,
+    uri: &str,
+    body: Vec<u8>,
+) -> Vec<u8> {
     let uri: QueueUri = uri.parse().unwrap();
     let recipient = X25519PublicKey::from_spki(&uri.dh_key).unwrap();
-    let sender = X25519SecretKey::generate(rng);
     let msg = ClientMessage {
         header: PrivHeader::Empty,
         body,
     };
-    ClientMsgEnvelope::seal_confirmation(rng, 4, &sender, &recipient, &msg)
+    ClientMsgEnvelope::seal_confirmation(rng, 4, sender, &recipient, &msg)
         .unwrap()
         .encode()
         .unwrap()
@@ -251,6 +256,7 @@ fn envelopes_are_checked_and_copies_dropped_by_seq() {
     let (queue_id, uri) = net.create_queue("alice");
     let rcv_id = Net::rcv_id(&queue_id);
     let mut rng = ChaCha20Rng::seed_from_u64(30);
+    let sender = X25519SecretKey::generate(&mut rng);
     let env = |seq: u64, payload: &[u8]| Envelope { seq, payload }.to_bytes();
     let mut version_2 = env(2, b"from the future");
     version_2[1] = 2;
@@ -269,7 +275,7 @@ fn envelopes_are_checked_and_copies_dropped_by_seq() {
         env(20, b"too old to tell"),
     ];
     for body in arrivals {
-        let sealed = foreign_send(&mut rng, &uri, body);
+        let sealed = foreign_send(&mut rng, &sender, &uri, body);
         let out = net.server.inject(&rcv_id, sealed);
         net.route(out);
         net.run();
@@ -582,8 +588,9 @@ fn identity_mismatch_is_lost_at_once_without_retrying() {
             .unwrap()
             .starts_with("server identity mismatch")
     );
-    // No retry loop, and new requests fail at once.
-    net.advance(Duration::from_secs(3600));
+    // No retry loop, and new requests fail at once (while the pool remembers the server:
+    // `server_linger`, 10 minutes by default).
+    net.advance(Duration::from_secs(300));
     let t = net.request(
         "alice",
         PoolRequest::CreateQueue {
@@ -614,7 +621,7 @@ fn identity_mismatch_is_lost_at_once_without_retrying() {
         )),
         "{reason}"
     );
-    net.advance(Duration::from_secs(3600));
+    net.advance(Duration::from_secs(300));
     assert_eq!(net.connects, 2);
 
     // The right server again: a reconnect request brings it back.

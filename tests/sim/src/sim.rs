@@ -251,6 +251,23 @@ impl Sim {
         }
     }
 
+    /// Another client's SEND lands in queue `rcv_id` of server `idx` (see
+    /// [`FakeServer::inject`]); the MSG travels to the pool with the path's latency.
+    pub fn inject(&mut self, idx: usize, rcv_id: &[u8], body: Vec<u8>) {
+        let out = self.servers[idx].fake.inject(rcv_id, body);
+        let at = self.now + self.servers[idx].latency;
+        for (conn, block) in out {
+            self.schedule(
+                at,
+                Packet::ToPool {
+                    server: idx,
+                    conn,
+                    block,
+                },
+            );
+        }
+    }
+
     /// Runs for `d` of virtual time.
     pub fn run_for(&mut self, d: Duration) {
         let end = self.now + d;

@@ -252,6 +252,58 @@ fn dead_link_is_detected_by_the_pong_deadline() {
     assert_eq!(q.subscription, muxd_core::Subscription::Subscribed);
 }
 
+#[test]
+fn a_server_that_sends_but_stops_reading_is_a_dead_link() {
+    let mut sim = Sim::new(5, PoolConfig::default());
+    let a = sim.add_server(18, LATENCY);
+    let queues: Vec<String> = (0..20).map(|_| sim.create_queue("alice", a).0).collect();
+    sim.run_for(Duration::from_secs(1));
+    // The server no longer reads (nothing it is sent is answered), but other clients'
+    // messages keep arriving, one queue every 3 s: keep-alive sees traffic all along.
+    sim.servers[a].fake.stalled = true;
+    let key = sim.key(a);
+    let t0 = sim.now;
+    let mut detected = None;
+    for (i, queue_id) in queues.iter().enumerate() {
+        let rcv_id = muxd_smp::encoding::base64url_decode(queue_id).unwrap();
+        sim.inject(a, &rcv_id, format!("noise {i}").into_bytes());
+        sim.run_for(Duration::from_secs(3));
+        if let Some((at, _)) = sim.disconnects.iter().find(|(_, k)| *k == key) {
+            detected = Some(*at);
+            break;
+        }
+    }
+    // The first ACK went out at once and timed out after 30 s; the next two, sent 3 s
+    // apart, followed: three in a row, with MSGs arriving all the while.
+    let at = detected.expect("the pool never gave up on the link");
+    let took = at - t0;
+    assert!(
+        took >= Duration::from_secs(30) && took <= Duration::from_secs(40),
+        "{took:?}"
+    );
+    let st = status(&sim, a);
+    assert!(
+        st.last_error
+            .as_deref()
+            .unwrap()
+            .contains("3 commands in a row timed out"),
+        "{st:?}"
+    );
+    // A fresh connection works again: backoff, reconnect, resubscribe.
+    sim.servers[a].fake.stalled = false;
+    assert!(sim.run_while(Duration::from_secs(60), |s| {
+        let st = status(s, a);
+        st.state == ConnState::Up && st.attempt == 0
+    }));
+    let subscribed = sim
+        .pool
+        .queues("alice")
+        .iter()
+        .filter(|q| q.subscription == muxd_core::Subscription::Subscribed)
+        .count();
+    assert_eq!(subscribed, 20);
+}
+
 /// The un-jittered delay before retry `n` (1-based).
 fn nominal(n: u32) -> Duration {
     BASE.saturating_mul(1 << (n - 1).min(20)).min(CAP)
@@ -368,7 +420,8 @@ fn a_handshake_that_fails_after_tcp_connects_does_not_reset_the_backoff() {
 #[test]
 fn ten_thousand_queues_are_resubscribed_in_chunks_of_1350() {
     let mut config = PoolConfig::default();
-    config.max_pending_per_server = 20_000;
+    // Creations and deletions have their own per-app budget (256 by default).
+    config.max_pending_requests_per_server = 20_000;
     let mut sim = Sim::new(9, config);
     let a = sim.add_server(18, LATENCY);
     let server = sim.servers[a].fake.address();
