@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use muxd_ipc_proto::default_socket_path;
+use muxd_transport::{DEFAULT_USER_TIMEOUT, KeepAlive};
 
 /// Bounds on the numeric keys. They keep a typo (an extra zero) from turning into a daemon that
 /// reserves gigabytes or never finishes shutting down.
@@ -18,6 +19,13 @@ const MAX_CLIENTS_RANGE: (u64, u64) = (1, 65_536);
 const CLIENT_BUFFER_FRAMES_RANGE: (u64, u64) = (1, 65_536);
 const SHUTDOWN_GRACE_MS_RANGE: (u64, u64) = (0, 600_000);
 const WATCH_INTERVAL_MS_RANGE: (u64, u64) = (10, 86_400_000);
+// The kernel counts keep-alive times in whole seconds and caps them at 32767 s.
+const TCP_KEEPALIVE_IDLE_S_RANGE: (u64, u64) = (1, 32_767);
+const TCP_KEEPALIVE_INTERVAL_S_RANGE: (u64, u64) = (1, 32_767);
+const TCP_KEEPALIVE_PROBES_RANGE: (u64, u64) = (1, 127);
+const TCP_USER_TIMEOUT_MS_RANGE: (u64, u64) = (0, 3_600_000);
+// Below 100 ms the samples would only repeat the kernel's own smoothing at a cost.
+const RTT_SAMPLE_INTERVAL_MS_RANGE: (u64, u64) = (100, 3_600_000);
 
 /// Defaults, also printed by `muxd gen-config`.
 const DEFAULT_LOG_LEVEL: &str = "info";
@@ -25,6 +33,7 @@ const DEFAULT_MAX_CLIENTS: u32 = 256;
 const DEFAULT_CLIENT_BUFFER_FRAMES: u32 = 128;
 const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 2_000;
 const DEFAULT_WATCH_INTERVAL_MS: u64 = 1_000;
+const DEFAULT_RTT_SAMPLE_INTERVAL_MS: u64 = 5_000;
 
 /// The validated configuration the daemon runs with.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,6 +58,12 @@ pub struct Config {
     pub watch_interval: Duration,
     /// systemd's notification socket (`NOTIFY_SOCKET`), told `READY=1` once bound.
     pub notify_socket: Option<PathBuf>,
+    /// TCP keep-alive on upstream sockets.
+    pub tcp_keepalive: KeepAlive,
+    /// `TCP_USER_TIMEOUT` on upstream sockets (Linux); `None` keeps the OS default.
+    pub tcp_user_timeout: Option<Duration>,
+    /// How often a connected upstream reports the kernel's RTT estimate; `None` never.
+    pub rtt_sample_interval: Option<Duration>,
 }
 
 impl Config {
@@ -68,6 +83,9 @@ impl Config {
             shutdown_grace: Duration::from_millis(DEFAULT_SHUTDOWN_GRACE_MS),
             watch_interval: Duration::from_millis(DEFAULT_WATCH_INTERVAL_MS),
             notify_socket: None,
+            tcp_keepalive: KeepAlive::default(),
+            tcp_user_timeout: Some(DEFAULT_USER_TIMEOUT),
+            rtt_sample_interval: Some(Duration::from_millis(DEFAULT_RTT_SAMPLE_INTERVAL_MS)),
         }
     }
 
@@ -140,6 +158,43 @@ impl Config {
         if let Some(ms) = layer.watch_interval_ms {
             let ms = in_range("watch_interval_ms", &origin, ms, WATCH_INTERVAL_MS_RANGE)?;
             self.watch_interval = Duration::from_millis(ms);
+        }
+        if let Some(s) = layer.tcp_keepalive_idle_s {
+            let s = in_range(
+                "tcp_keepalive_idle_s",
+                &origin,
+                s,
+                TCP_KEEPALIVE_IDLE_S_RANGE,
+            )?;
+            self.tcp_keepalive.idle = Duration::from_secs(s);
+        }
+        if let Some(s) = layer.tcp_keepalive_interval_s {
+            let key = "tcp_keepalive_interval_s";
+            let s = in_range(key, &origin, s, TCP_KEEPALIVE_INTERVAL_S_RANGE)?;
+            self.tcp_keepalive.interval = Duration::from_secs(s);
+        }
+        if let Some(n) = layer.tcp_keepalive_probes {
+            let key = "tcp_keepalive_probes";
+            self.tcp_keepalive.retries =
+                in_range(key, &origin, n, TCP_KEEPALIVE_PROBES_RANGE)? as u32;
+        }
+        if let Some(ms) = layer.tcp_user_timeout_ms {
+            let ms = in_range(
+                "tcp_user_timeout_ms",
+                &origin,
+                ms,
+                TCP_USER_TIMEOUT_MS_RANGE,
+            )?;
+            self.tcp_user_timeout = (ms > 0).then(|| Duration::from_millis(ms));
+        }
+        if let Some(ms) = layer.rtt_sample_interval_ms {
+            self.rtt_sample_interval = if ms == 0 {
+                None
+            } else {
+                let key = "rtt_sample_interval_ms";
+                let ms = in_range(key, &origin, ms, RTT_SAMPLE_INTERVAL_MS_RANGE)?;
+                Some(Duration::from_millis(ms))
+            };
         }
         Ok(())
     }
@@ -255,6 +310,7 @@ impl RunArgs {
             client_buffer_frames: self.client_buffer_frames,
             shutdown_grace_ms: self.shutdown_grace_ms,
             watch_interval_ms: self.watch_interval_ms,
+            ..Layer::default()
         }
     }
 }
@@ -271,6 +327,11 @@ struct Layer {
     client_buffer_frames: Option<u64>,
     shutdown_grace_ms: Option<u64>,
     watch_interval_ms: Option<u64>,
+    tcp_keepalive_idle_s: Option<u64>,
+    tcp_keepalive_interval_s: Option<u64>,
+    tcp_keepalive_probes: Option<u64>,
+    tcp_user_timeout_ms: Option<u64>,
+    rtt_sample_interval_ms: Option<u64>,
 }
 
 /// Why the configuration could not be built. The daemon exits with code 2 on any of these.
@@ -323,7 +384,7 @@ impl ConfigError {
     }
 }
 
-const KNOWN_KEYS: [&str; 7] = [
+const KNOWN_KEYS: [&str; 12] = [
     "socket",
     "log_level",
     "log_format",
@@ -331,6 +392,11 @@ const KNOWN_KEYS: [&str; 7] = [
     "client_buffer_frames",
     "shutdown_grace_ms",
     "watch_interval_ms",
+    "tcp_keepalive_idle_s",
+    "tcp_keepalive_interval_s",
+    "tcp_keepalive_probes",
+    "tcp_user_timeout_ms",
+    "rtt_sample_interval_ms",
 ];
 
 fn in_range(
@@ -387,6 +453,25 @@ fn parse_toml(text: &str, path: &Path) -> Result<Layer, ConfigError> {
             }
             "watch_interval_ms" => {
                 layer.watch_interval_ms = Some(int_value("watch_interval_ms", &origin, value)?);
+            }
+            "tcp_keepalive_idle_s" => {
+                layer.tcp_keepalive_idle_s =
+                    Some(int_value("tcp_keepalive_idle_s", &origin, value)?);
+            }
+            "tcp_keepalive_interval_s" => {
+                layer.tcp_keepalive_interval_s =
+                    Some(int_value("tcp_keepalive_interval_s", &origin, value)?);
+            }
+            "tcp_keepalive_probes" => {
+                layer.tcp_keepalive_probes =
+                    Some(int_value("tcp_keepalive_probes", &origin, value)?);
+            }
+            "tcp_user_timeout_ms" => {
+                layer.tcp_user_timeout_ms = Some(int_value("tcp_user_timeout_ms", &origin, value)?);
+            }
+            "rtt_sample_interval_ms" => {
+                layer.rtt_sample_interval_ms =
+                    Some(int_value("rtt_sample_interval_ms", &origin, value)?);
             }
             _ => {
                 return Err(ConfigError::UnknownKey {
@@ -469,6 +554,20 @@ shutdown_grace_ms = {shutdown_grace_ms}
 # Longest gap between two status events of a `watch` that names no interval, in milliseconds
 # ({wi_lo}..={wi_hi}). Env MUXD_WATCH_INTERVAL_MS.
 watch_interval_ms = {watch_interval_ms}
+
+# Upstream sockets (file only). TCP keep-alive: seconds of silence before the first probe,
+# seconds between probes, and unanswered probes before the kernel drops the connection.
+tcp_keepalive_idle_s = {ka_idle}
+tcp_keepalive_interval_s = {ka_interval}
+tcp_keepalive_probes = {ka_probes}
+
+# Linux TCP_USER_TIMEOUT: milliseconds sent data may stay unacknowledged before the kernel
+# drops the connection ({ut_lo}..={ut_hi}; 0 keeps the OS default of ~15 minutes).
+tcp_user_timeout_ms = {user_timeout_ms}
+
+# Milliseconds between samples of the kernel's TCP round-trip estimate for the lag history
+# ({rtt_lo}..={rtt_hi}, or 0 for none).
+rtt_sample_interval_ms = {rtt_sample_interval_ms}
 ",
         log_level = d.log_level,
         log_format = d.log_format.as_str(),
@@ -476,6 +575,15 @@ watch_interval_ms = {watch_interval_ms}
         client_buffer_frames = d.client_buffer_frames,
         shutdown_grace_ms = d.shutdown_grace.as_millis(),
         watch_interval_ms = d.watch_interval.as_millis(),
+        ka_idle = d.tcp_keepalive.idle.as_secs(),
+        ka_interval = d.tcp_keepalive.interval.as_secs(),
+        ka_probes = d.tcp_keepalive.retries,
+        user_timeout_ms = d.tcp_user_timeout.map_or(0, |t| t.as_millis()),
+        rtt_sample_interval_ms = d.rtt_sample_interval.map_or(0, |t| t.as_millis()),
+        ut_lo = TCP_USER_TIMEOUT_MS_RANGE.0,
+        ut_hi = TCP_USER_TIMEOUT_MS_RANGE.1,
+        rtt_lo = RTT_SAMPLE_INTERVAL_MS_RANGE.0,
+        rtt_hi = RTT_SAMPLE_INTERVAL_MS_RANGE.1,
         mc_lo = MAX_CLIENTS_RANGE.0,
         mc_hi = MAX_CLIENTS_RANGE.1,
         cb_lo = CLIENT_BUFFER_FRAMES_RANGE.0,
@@ -555,6 +663,37 @@ mod tests {
             Config::from_toml("x = ", &env()),
             Err(ConfigError::Syntax { .. })
         ));
+    }
+
+    #[test]
+    fn upstream_socket_keys_take_effect() {
+        let d = Config::defaults(&env());
+        assert_eq!(d.tcp_keepalive.idle, Duration::from_secs(15));
+        assert_eq!(d.tcp_user_timeout, Some(Duration::from_secs(30)));
+        let c = Config::from_toml(
+            "tcp_keepalive_idle_s = 60\ntcp_keepalive_interval_s = 10\ntcp_keepalive_probes = 5\n\
+             tcp_user_timeout_ms = 0\nrtt_sample_interval_ms = 0\n",
+            &env(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.tcp_keepalive,
+            KeepAlive {
+                idle: Duration::from_secs(60),
+                interval: Duration::from_secs(10),
+                retries: 5
+            }
+        );
+        assert_eq!((c.tcp_user_timeout, c.rtt_sample_interval), (None, None));
+        for bad in [
+            "tcp_keepalive_idle_s = 0",
+            "tcp_keepalive_probes = 1000",
+            "rtt_sample_interval_ms = 5",
+        ] {
+            let err = Config::from_toml(bad, &env()).unwrap_err().to_string();
+            let key = bad.split(' ').next().unwrap();
+            assert!(err.contains(&format!("`{key}`")), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -11,18 +11,23 @@
 //! [`RequestToken`] that maps back to the client and request id, its replies become IPC
 //! responses, and `recv` long-polls wait here (not in the pool) until a message arrives or
 //! their `wait_ms` passes.
+//!
+//! Keeping the pool alive is split the same way: the pool decides (backoff, keep-alive, lag
+//! pings); the hub feeds it the kernel's TCP RTT samples and network-change wake-ups, turns
+//! `reconnect` and `lag` requests into pool calls, and tells `watch` clients about every
+//! connection state change and `lag` clients about every new round-trip sample.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use muxd_core::{
-    Action, ConnState, Pool, PoolConfig, PoolError, PoolEvent, PoolReply, PoolRequest,
-    RequestToken, ServerStatus,
+    Action, ConnState, LagSample, LagSource, Pool, PoolConfig, PoolError, PoolEvent, PoolReply,
+    PoolRequest, RequestToken, ServerKey, ServerStatus,
 };
 use muxd_ipc_proto::{
-    ErrorCode, ErrorFrame, Event, LagSummary, Op, QueueInfo, ReceivedMessage, Reply, Request,
-    Response, ServerMessage, StatusReport, UpstreamStatus,
+    ErrorCode, ErrorFrame, Event, LagEvent, LagSummary, Op, QueueInfo, ReceivedMessage, Reply,
+    Request, Response, ServerMessage, StatusReport, UpstreamStatus,
 };
 use rand_chacha::ChaCha20Rng;
 use tokio::sync::mpsc;
@@ -38,6 +43,14 @@ const WATCH_INTERVAL_BOUNDS: (Duration, Duration) =
 
 /// Longest `recv` long-poll: clients re-ask, and a forgotten waiter should not live for days.
 const MAX_RECV_WAIT: Duration = Duration::from_secs(300);
+
+/// The `lag` ping interval when the client names none (`ipc-proto` documents 1000 ms).
+const DEFAULT_LAG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Bounds on a client-chosen `lag` interval: below it the pings would crowd out the
+/// server's real work; above it `lag` is no longer live.
+const LAG_INTERVAL_BOUNDS: (Duration, Duration) =
+    (Duration::from_millis(10), Duration::from_secs(3600));
 
 /// What sessions ask of the driver.
 #[derive(Debug)]
@@ -70,6 +83,11 @@ pub(crate) struct Hub {
     socket_actions: VecDeque<Action>,
     /// Set when the client count or an upstream changed and watchers have not been told yet.
     status_dirty: bool,
+    /// Upstream state changes (in order) that watchers have not been told about yet; the
+    /// state is the one of the transition, which a later one in the same step may replace.
+    upstream_changes: Vec<(ServerKey, Option<ConnState>)>,
+    /// Servers someone runs `lag` on, with the newest sample those clients have seen.
+    lag_seen: BTreeMap<ServerKey, Option<LagSample>>,
     shutdown_requested: bool,
 }
 
@@ -78,6 +96,8 @@ struct Client {
     handle: ClientHandle,
     app: String,
     watch: Option<Watch>,
+    /// Servers this client runs `lag` on, with the ping interval it asked for.
+    lags: BTreeMap<ServerKey, Duration>,
 }
 
 #[derive(Debug)]
@@ -119,6 +139,8 @@ impl Hub {
             waiters: Vec::new(),
             socket_actions: VecDeque::new(),
             status_dirty: false,
+            upstream_changes: Vec::new(),
+            lag_seen: BTreeMap::new(),
             shutdown_requested: false,
         }
     }
@@ -138,16 +160,16 @@ impl Hub {
                         handle,
                         app,
                         watch: None,
+                        lags: BTreeMap::new(),
                     },
                 );
                 self.status_dirty = true;
             }
             Command::Disconnect { client } => {
-                if let Some(c) = self.clients.remove(&client) {
+                if let Some(c) = self.clients.get(&client) {
                     tracing::debug!(%client, app = %c.app, "client unregistered");
-                    self.status_dirty = true;
                 }
-                self.waiters.retain(|w| w.client != client);
+                self.drop_client(client);
             }
             Command::Request { client, request } => self.handle_request(now, client, request),
         }
@@ -171,7 +193,19 @@ impl Hub {
                 tracing::info!(%server, %reason, "upstream disconnected");
                 self.pool.handle_disconnected(now, &server, reason);
             }
+            UpstreamEventKind::Rtt(rtt) => {
+                self.pool
+                    .handle_rtt_sample(now, &server, rtt, LagSource::Tcp);
+            }
         }
+        self.drain_pool();
+        self.publish_changes(now);
+    }
+
+    /// Addresses or routes changed: servers waiting to retry are tried at once, and links
+    /// that look up are probed.
+    pub(crate) fn handle_network_change(&mut self, now: Instant) {
+        self.pool.handle_network_change(now);
         self.drain_pool();
         self.publish_changes(now);
     }
@@ -333,6 +367,42 @@ impl Hub {
                     return;
                 }
             },
+            Op::Reconnect { server } => {
+                let key = match server.as_deref().map(|s| self.server_key(s)) {
+                    None => None,
+                    Some(Ok(key)) => Some(key),
+                    Some(Err(e)) => {
+                        self.fail(client, id, &e);
+                        return;
+                    }
+                };
+                let count = self.pool.reconnect(now, key.as_ref());
+                tracing::info!(%client, server = ?server, count, "reconnect requested");
+                Reply::Done
+            }
+            Op::Lag {
+                server,
+                interval_ms,
+            } => {
+                let key = match self.server_key(&server) {
+                    Ok(key) => key,
+                    Err(e) => {
+                        self.fail(client, id, &e);
+                        return;
+                    }
+                };
+                let interval = interval_ms.map_or(DEFAULT_LAG_INTERVAL, |ms| {
+                    Duration::from_millis(ms).clamp(LAG_INTERVAL_BOUNDS.0, LAG_INTERVAL_BOUNDS.1)
+                });
+                if let Some(c) = self.clients.get_mut(&client) {
+                    c.lags.insert(key.clone(), interval);
+                }
+                // Only samples from now on: the history so far is in `status`.
+                let newest = self.pool.lag(&key).and_then(|h| h.last().copied());
+                self.lag_seen.entry(key.clone()).or_insert(newest);
+                self.update_lag_watch(&key);
+                Reply::Watching
+            }
             // `Op` may grow; an older daemon answers the new op with an error, not a hang.
             _ => {
                 let err = ErrorFrame {
@@ -404,7 +474,16 @@ impl Hub {
             }
             PoolEvent::ServerChanged { server, state } => {
                 tracing::debug!(%server, state = state.as_str(), "upstream state");
+                self.upstream_changes.push((server, Some(state)));
                 self.status_dirty = true;
+            }
+            PoolEvent::Reconnecting {
+                server,
+                delay,
+                attempt,
+            } => {
+                tracing::debug!(%server, ?delay, attempt, "upstream reconnecting later");
+                self.upstream_changes.push((server, None));
             }
             PoolEvent::SubscriptionChanged {
                 app,
@@ -494,9 +573,129 @@ impl Hub {
     }
 
     fn drop_client(&mut self, client: ClientId) {
-        self.clients.remove(&client);
+        let Some(c) = self.clients.remove(&client) else {
+            return;
+        };
         self.waiters.retain(|w| w.client != client);
+        for key in c.lags.keys() {
+            self.update_lag_watch(key);
+        }
         self.status_dirty = true;
+    }
+
+    /// The pool's key for a server address as `status` shows it.
+    fn server_key(&self, address: &str) -> Result<ServerKey, PoolError> {
+        self.pool
+            .status()
+            .into_iter()
+            .map(|s| s.server)
+            .find(|k| k.address() == address)
+            .ok_or_else(|| PoolError::NotFound(format!("server {address}")))
+    }
+
+    /// Points the pool's lag pings for `key` at the fastest interval any client still asks
+    /// for, or stops them when nobody does.
+    fn update_lag_watch(&mut self, key: &ServerKey) {
+        let fastest = self
+            .clients
+            .values()
+            .filter_map(|c| c.lags.get(key))
+            .min()
+            .copied();
+        self.pool.set_lag_watch(key, fastest.is_some(), fastest);
+        if fastest.is_none() {
+            self.lag_seen.remove(key);
+        }
+    }
+
+    /// Sends every `lag` client the samples its servers got since the last call.
+    fn publish_lag(&mut self) {
+        let servers: Vec<ServerKey> = self.lag_seen.keys().cloned().collect();
+        for key in servers {
+            let Some(history) = self.pool.lag(&key) else {
+                continue;
+            };
+            let seen = self.lag_seen.get(&key).copied().flatten();
+            let mut fresh: Vec<LagSample> = history
+                .iter()
+                .rev()
+                .take_while(|s| Some(**s) != seen)
+                .copied()
+                .collect();
+            let Some(newest) = fresh.first().copied() else {
+                continue;
+            };
+            fresh.reverse();
+            // Each sample comes with the summary of its own source: kernel RTTs on a proxied
+            // or local hop are far below end-to-end pings, and a mix of both says little.
+            let frames: Vec<bytes::Bytes> = fresh
+                .iter()
+                .filter_map(|sample| {
+                    let summary = history.summary_for(sample.source)?;
+                    let event = LagEvent {
+                        server: key.address().to_owned(),
+                        source: source_name(sample.source).to_owned(),
+                        rtt_us: micros(sample.rtt),
+                        at_unix_ms: self.unix_ms(sample.at),
+                        summary: ipc_lag_summary(&summary),
+                    };
+                    encode(&ServerMessage::Event(Event::Lag(event)))
+                })
+                .collect();
+            self.lag_seen.insert(key.clone(), Some(newest));
+            let watchers: Vec<ClientId> = self
+                .clients
+                .iter()
+                .filter(|(_, c)| c.lags.contains_key(&key))
+                .map(|(id, _)| *id)
+                .collect();
+            for id in watchers {
+                for frame in &frames {
+                    if !self.deliver_frame(id, frame.clone()) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tells every watcher about each upstream state change since the last call.
+    fn publish_upstream_changes(&mut self, now: Instant) {
+        let changes = std::mem::take(&mut self.upstream_changes);
+        if changes.is_empty() {
+            return;
+        }
+        let watchers: Vec<ClientId> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.watch.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        if watchers.is_empty() {
+            return;
+        }
+        let status = self.pool.status();
+        for (key, state) in changes {
+            let Some(s) = status.iter().find(|s| s.server == key) else {
+                continue;
+            };
+            let mut up = self.upstream_status(now, s);
+            if let Some(state) = state {
+                up.state = state_name(state).to_owned();
+            }
+            let Some(frame) = encode(&ServerMessage::Event(Event::Upstream(up))) else {
+                continue;
+            };
+            for id in &watchers {
+                self.deliver_frame(*id, frame.clone());
+            }
+        }
+    }
+
+    /// Unix milliseconds of a monotonic instant (relative to the daemon's start).
+    fn unix_ms(&self, at: Instant) -> u64 {
+        self.started_unix_ms
+            .saturating_add(millis(at.saturating_duration_since(self.started)))
     }
 
     fn send_status(&mut self, now: Instant, client: ClientId, frame: Option<bytes::Bytes>) {
@@ -513,6 +712,8 @@ impl Hub {
     /// changes the count again, so this repeats until nothing changes (each round removes a
     /// client or ends).
     fn publish_changes(&mut self, now: Instant) {
+        self.publish_upstream_changes(now);
+        self.publish_lag();
         while std::mem::take(&mut self.status_dirty) {
             let watchers: Vec<ClientId> = self
                 .clients
@@ -546,15 +747,12 @@ impl Hub {
     }
 
     fn upstream_status(&self, now: Instant, s: &ServerStatus) -> UpstreamStatus {
-        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         UpstreamStatus {
             server: s.server.address().to_owned(),
             profile: s.profile.to_owned(),
             transport: s.server.transport().as_str().to_owned(),
             state: state_name(s.state).to_owned(),
-            state_since_unix_ms: self
-                .started_unix_ms
-                .saturating_add(millis(s.since.saturating_duration_since(self.started))),
+            state_since_unix_ms: self.unix_ms(s.since),
             last_error: s.last_error.clone(),
             queues: u32::try_from(s.queues).unwrap_or(u32::MAX),
             pending: u32::try_from(s.pending_sends).unwrap_or(u32::MAX),
@@ -563,17 +761,35 @@ impl Hub {
                 .next_retry_at
                 .map(|t| millis(t.saturating_duration_since(now))),
             rtt_last_us: s.lag.as_ref().map(|l| micros(l.last_rtt)),
-            lag: s.lag.as_ref().map(|l| LagSummary {
-                count: u32::try_from(l.count).unwrap_or(u32::MAX),
-                min_us: micros(l.min),
-                p50_us: micros(l.p50),
-                p95_us: micros(l.p95),
-                max_us: micros(l.max),
-                mean_us: micros(l.mean),
-                jitter_us: micros(l.jitter),
-            }),
+            lag: s.lag.as_ref().map(ipc_lag_summary),
         }
     }
+}
+
+fn ipc_lag_summary(l: &muxd_core::LagSummary) -> LagSummary {
+    LagSummary {
+        count: u32::try_from(l.count).unwrap_or(u32::MAX),
+        min_us: micros(l.min),
+        p50_us: micros(l.p50),
+        p95_us: micros(l.p95),
+        max_us: micros(l.max),
+        mean_us: micros(l.mean),
+        jitter_us: micros(l.jitter),
+    }
+}
+
+/// The IPC name of a lag sample's source (`ipc-proto` documents these three).
+fn source_name(source: LagSource) -> &'static str {
+    match source {
+        LagSource::Tcp => "tcp",
+        LagSource::Ping => "ping",
+        LagSource::Command => "command",
+        _ => "other",
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// The IPC name of a connection state (`backing_off` on the wire, as `ipc-proto` documents).
@@ -617,6 +833,7 @@ fn ipc_reply(reply: PoolReply) -> Reply {
 enum Wake {
     Shutdown,
     Timer,
+    NetworkChange(Option<()>),
     Upstream(Option<UpstreamEvent>),
     Writable,
     Command(Option<Command>),
@@ -629,9 +846,11 @@ pub(crate) async fn drive(
     mut commands: mpsc::Receiver<Command>,
     mut upstreams: Upstreams,
     mut upstream_events: mpsc::Receiver<UpstreamEvent>,
+    mut net_changes: mpsc::Receiver<()>,
     shutdown: ShutdownSignal,
     grace: Duration,
 ) {
+    let mut net_watch = true;
     loop {
         let deadline = hub.poll_timeout();
         let sleep = async {
@@ -646,6 +865,7 @@ pub(crate) async fn drive(
             () = shutdown.cancelled() => Wake::Shutdown,
             // Timers before other input, so a flood of requests cannot starve the watchers.
             () = sleep => Wake::Timer,
+            change = net_changes.recv(), if net_watch => Wake::NetworkChange(change),
             ev = upstream_events.recv() => Wake::Upstream(ev),
             () = std::future::poll_fn(|cx| upstreams.poll_writable(cx)), if backlog => Wake::Writable,
             cmd = commands.recv() => Wake::Command(cmd),
@@ -655,6 +875,9 @@ pub(crate) async fn drive(
             Wake::Shutdown | Wake::Command(None) => break,
             // The async timer may wake a little early or late; the hub checks `now` itself.
             Wake::Timer => hub.handle_timeout(Instant::now()),
+            Wake::NetworkChange(Some(())) => hub.handle_network_change(Instant::now()),
+            // The watcher gave up (it logged why); the pool's own retries go on.
+            Wake::NetworkChange(None) => net_watch = false,
             Wake::Upstream(Some(ev)) => {
                 if upstreams.accept(&ev) {
                     hub.handle_upstream(Instant::now(), ev);
@@ -985,5 +1208,249 @@ mod tests {
         assert_eq!(up.last_error.as_deref(), Some(reason));
         assert_ne!(up.state, "connecting");
         assert_eq!(up.state_since_unix_ms, 1_000_250);
+    }
+
+    /// A hub with client 1 whose `queue_create` made the pool dial `server`; the connect
+    /// action is taken. Returns the server's key and its address as `status` shows it.
+    fn hub_with_server(
+        now: Instant,
+        rx_buf: usize,
+    ) -> (Hub, mpsc::Receiver<bytes::Bytes>, ServerKey, String) {
+        let mut hub = hub(now);
+        let rx = connect(&mut hub, now, 1, rx_buf);
+        let key_hash = "A".repeat(43) + "=";
+        let create = Op::QueueCreate {
+            server: format!("smp://{key_hash}@127.0.0.1"),
+            websocket: false,
+        };
+        request(&mut hub, now, 1, 1, create);
+        let Some(Action::Connect { server, .. }) = hub.poll_socket_action() else {
+            panic!("expected a connect")
+        };
+        let address = server.address().to_owned();
+        (hub, rx, server, address)
+    }
+
+    fn rtt(hub: &mut Hub, now: Instant, server: &ServerKey, ms: u64) {
+        hub.handle_upstream(
+            now,
+            UpstreamEvent {
+                conn: 1,
+                server: server.clone(),
+                kind: UpstreamEventKind::Rtt(Duration::from_millis(ms)),
+            },
+        );
+    }
+
+    fn lag_events(msgs: &[ServerMessage]) -> Vec<&LagEvent> {
+        msgs.iter()
+            .filter_map(|m| match m {
+                ServerMessage::Event(Event::Lag(l)) => Some(l),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn reconnect_and_lag_name_known_servers_only() {
+        let t0 = Instant::now();
+        let (mut hub, mut rx, _, address) = hub_with_server(t0, 16);
+        drain(&mut rx);
+        for (id, op) in [
+            (
+                2,
+                Op::Reconnect {
+                    server: Some("smp://nobody@example.org".into()),
+                },
+            ),
+            (
+                3,
+                Op::Lag {
+                    server: "smp://nobody@example.org".into(),
+                    interval_ms: None,
+                },
+            ),
+        ] {
+            request(&mut hub, t0, 1, id, op);
+            let got = drain(&mut rx);
+            assert_eq!(error_of(&got[0]).0, Some(id));
+            assert_eq!(error_of(&got[0]).1, ErrorCode::NotFound);
+        }
+        request(&mut hub, t0, 1, 4, Op::Reconnect { server: None });
+        request(
+            &mut hub,
+            t0,
+            1,
+            5,
+            Op::Reconnect {
+                server: Some(address),
+            },
+        );
+        let got = drain(&mut rx);
+        let done: Vec<u64> = got
+            .iter()
+            .filter_map(|m| match m {
+                ServerMessage::Response(Response {
+                    id,
+                    reply: Reply::Done,
+                }) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(done, [4, 5], "{got:?}");
+    }
+
+    #[test]
+    fn lag_streams_each_new_sample_to_its_clients_until_they_leave() {
+        let t0 = Instant::now();
+        let (mut hub, mut rx, server, address) = hub_with_server(t0, 64);
+        let mut other = connect(&mut hub, t0, 2, 64);
+        // A sample before `lag` is history, not news.
+        rtt(&mut hub, t0, &server, 9);
+        drain(&mut rx);
+        let lag = Op::Lag {
+            server: address.clone(),
+            interval_ms: Some(250),
+        };
+        request(&mut hub, t0, 1, 2, lag);
+        assert!(matches!(
+            drain(&mut rx)[..],
+            [ServerMessage::Response(Response {
+                id: 2,
+                reply: Reply::Watching
+            })]
+        ));
+        let t1 = t0 + Duration::from_millis(1500);
+        rtt(&mut hub, t1, &server, 3);
+        rtt(&mut hub, t1, &server, 5);
+        let got = drain(&mut rx);
+        let lags = lag_events(&got);
+        assert_eq!(lags.len(), 2, "{got:?}");
+        assert_eq!(lags[0].server, address);
+        assert_eq!(lags[0].source, "tcp");
+        assert_eq!((lags[0].rtt_us, lags[1].rtt_us), (3_000, 5_000));
+        assert_eq!(lags[1].at_unix_ms, 1_001_500);
+        // The summary is the server's history of that source, this sample included.
+        assert_eq!(lags[1].summary.count, 3);
+        assert_eq!(lags[1].summary.min_us, 3_000);
+        assert_eq!(lags[1].summary.max_us, 9_000);
+        assert!(lag_events(&drain(&mut other)).is_empty());
+
+        // A second client on the same server gets the samples too; when both are gone the
+        // hub stops following the server.
+        request(
+            &mut hub,
+            t1,
+            2,
+            1,
+            Op::Lag {
+                server: address.clone(),
+                interval_ms: None,
+            },
+        );
+        rtt(&mut hub, t1, &server, 4);
+        assert_eq!(lag_events(&drain(&mut rx)).len(), 1);
+        assert_eq!(lag_events(&drain(&mut other)).len(), 1);
+        hub.handle_command(
+            t1,
+            Command::Disconnect {
+                client: ClientId(1),
+            },
+        );
+        assert!(hub.lag_seen.contains_key(&server));
+        hub.handle_command(
+            t1,
+            Command::Disconnect {
+                client: ClientId(2),
+            },
+        );
+        assert!(hub.lag_seen.is_empty());
+    }
+
+    #[test]
+    fn watchers_get_an_upstream_event_per_state_change() {
+        let t0 = Instant::now();
+        let mut hub = hub(t0);
+        let mut rx = connect(&mut hub, t0, 1, 64);
+        request(&mut hub, t0, 1, 1, Op::Watch { interval_ms: None });
+        drain(&mut rx);
+        let key_hash = "A".repeat(43) + "=";
+        let create = Op::QueueCreate {
+            server: format!("smp://{key_hash}@127.0.0.1"),
+            websocket: false,
+        };
+        request(&mut hub, t0, 1, 2, create);
+        let Some(Action::Connect { server, .. }) = hub.poll_socket_action() else {
+            panic!("expected a connect")
+        };
+        hub.handle_upstream(
+            t0,
+            UpstreamEvent {
+                conn: 1,
+                server: server.clone(),
+                kind: UpstreamEventKind::Disconnected("connection refused".into()),
+            },
+        );
+        let got = drain(&mut rx);
+        let states: Vec<&str> = got
+            .iter()
+            .filter_map(|m| match m {
+                ServerMessage::Event(Event::Upstream(u)) => Some(u.state.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(states.first(), Some(&"connecting"), "{got:?}");
+        assert!(states.len() >= 2, "{got:?}");
+        assert_ne!(states.last(), Some(&"connecting"), "{got:?}");
+        // Status snapshots still follow the changes.
+        assert!(got.iter().any(|m| status_clients(m).is_some()));
+    }
+
+    #[test]
+    fn a_network_change_retries_a_backing_off_server_at_once() {
+        let t0 = Instant::now();
+        let mut hub = hub(t0);
+        let mut rx = connect(&mut hub, t0, 1, 64);
+        // A send waits for its server while it is down, so the pool keeps retrying it.
+        let key_hash = "A".repeat(43) + "=";
+        let send = Op::Send {
+            queue_uri: format!(
+                "smp://{key_hash}@127.0.0.1/3456-w==#/?v=2-4&dh=\
+                 MCowBQYDK2VuAyEAjiswwI3O_NlS8Fk3HJUW870EY2bAwmttMBsvRB9eV3o%3D"
+            ),
+            body_b64: "aGk=".into(),
+        };
+        request(&mut hub, t0, 1, 1, send);
+        let Some(Action::Connect { server, .. }) = hub.poll_socket_action() else {
+            panic!("expected a connect: {:?}", drain(&mut rx))
+        };
+        hub.handle_upstream(
+            t0,
+            UpstreamEvent {
+                conn: 1,
+                server: server.clone(),
+                kind: UpstreamEventKind::Disconnected("connection refused".into()),
+            },
+        );
+        hub.handle_timeout(t0);
+        assert!(hub.poll_socket_action().is_none());
+        let status = &hub.pool.status()[0];
+        assert_eq!(status.state, ConnState::BackingOff);
+        let retry_at = status.next_retry_at.unwrap();
+
+        let t1 = t0 + Duration::from_millis(10);
+        assert!(retry_at > t1, "the backoff is still running");
+        hub.handle_network_change(t1);
+        assert!(
+            matches!(hub.poll_socket_action(), Some(Action::Connect { server: s, .. }) if s == server),
+            "a network change dials at once"
+        );
+        assert_eq!(hub.pool.status()[0].state, ConnState::Connecting);
+        // The send is still waiting, not failed.
+        assert!(
+            !drain(&mut rx)
+                .iter()
+                .any(|m| matches!(m, ServerMessage::Error(_)))
+        );
     }
 }

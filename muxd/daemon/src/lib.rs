@@ -7,12 +7,13 @@
 //! Inside, one driver task (`driver.rs`) owns the daemon state, including the upstream pool
 //! (`muxd_core::Pool`); each IPC client has a reader and a writer task (`ipc/session.rs`) and a
 //! bounded outbound queue, and each upstream server connection has one transport task
-//! (`upstream.rs`). The driver never waits on a client or a socket, so a client that stops
+//! (`upstream.rs`); one more task (`netwatch.rs`) reports network changes. The driver never waits on a client or a socket, so a client that stops
 //! reading is disconnected and a slow server only delays its own traffic.
 
 mod config;
 mod driver;
 mod ipc;
+mod netwatch;
 mod shutdown;
 mod upstream;
 
@@ -134,12 +135,25 @@ pub async fn serve(
         // Queue keys and nonces: seeded once from the OS CSPRNG.
         rand_chacha::ChaCha20Rng::from_entropy(),
     );
-    let upstreams = upstream::Upstreams::new(upstream_tx, tracker.clone());
+    let options = upstream::UpstreamOptions {
+        connect: {
+            let mut c = muxd_transport::ConnectOptions::default();
+            c.keepalive = Some(config.tcp_keepalive);
+            c.user_timeout = config.tcp_user_timeout;
+            c
+        },
+        rtt_interval: config.rtt_sample_interval,
+    };
+    let upstreams = upstream::Upstreams::new(upstream_tx, tracker.clone(), options);
+    // One pending change is enough: later ones merge into it.
+    let (net_tx, net_rx) = mpsc::channel(1);
+    tracker.spawn(netwatch::run(net_tx, signal.token().clone()));
     let driver = tokio::spawn(driver::drive(
         hub,
         command_rx,
         upstreams,
         upstream_rx,
+        net_rx,
         signal.clone(),
         config.shutdown_grace,
     ));

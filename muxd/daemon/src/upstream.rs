@@ -4,7 +4,8 @@
 //! and when to close; a task here dials (DNS, TCP with keep-alive, TLS pinned to the keyHash,
 //! optionally WebSocket), then copies 16384-byte blocks between the socket and the driver. It
 //! reports `connected`, every block read, and `disconnected(reason)` back over one bounded
-//! channel shared by all tasks.
+//! channel shared by all tasks. While connected it also samples the kernel's TCP round-trip
+//! estimate every few seconds for the server's lag history.
 //!
 //! The driver never awaits a socket (STYLE practice 2): [`Upstreams::execute`] hands a block
 //! to the task's bounded channel with `try_send`, and a block the channel refuses is kept in
@@ -19,7 +20,9 @@ use std::time::Duration;
 use muxd_core::{Action, ServerKey, TransportInfo};
 use muxd_smp::cert::KeyHash;
 use muxd_transport::tokio_rustls::client::TlsStream;
-use muxd_transport::{BLOCK_SIZE, BlockStream, ConnectOptions, TransportError, connect_tls};
+use muxd_transport::{
+    BLOCK_SIZE, BlockStream, ConnectOptions, TransportError, connect_tls, tcp_rtt,
+};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, PollSender};
@@ -56,6 +59,17 @@ pub(crate) enum UpstreamEventKind {
     Block(Box<[u8; BLOCK_SIZE]>),
     /// The connection could not be set up, or broke; the task has ended.
     Disconnected(String),
+    /// The kernel's smoothed TCP round-trip time of the connection (never zero).
+    Rtt(Duration),
+}
+
+/// How the tasks dial and watch their sockets.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct UpstreamOptions {
+    /// TCP and TLS settings for every dial.
+    pub(crate) connect: ConnectOptions,
+    /// How often a connected task reports the kernel's RTT; `None` never.
+    pub(crate) rtt_interval: Option<Duration>,
 }
 
 /// The driver's side of every upstream task.
@@ -64,7 +78,7 @@ pub(crate) struct Upstreams {
     links: BTreeMap<ServerKey, Link>,
     next_conn: u64,
     events: mpsc::Sender<UpstreamEvent>,
-    options: ConnectOptions,
+    options: UpstreamOptions,
     tracker: TaskTracker,
 }
 
@@ -89,12 +103,16 @@ struct Dial {
 
 impl Upstreams {
     /// Tasks report on `events`; `tracker` lets shutdown wait for them to close.
-    pub(crate) fn new(events: mpsc::Sender<UpstreamEvent>, tracker: TaskTracker) -> Self {
+    pub(crate) fn new(
+        events: mpsc::Sender<UpstreamEvent>,
+        tracker: TaskTracker,
+        options: UpstreamOptions,
+    ) -> Self {
         Self {
             links: BTreeMap::new(),
             next_conn: 1,
             events,
-            options: ConnectOptions::default(),
+            options,
             tracker,
         }
     }
@@ -254,19 +272,20 @@ enum Step {
     Stop,
     Write(Vec<u8>),
     Read(Result<Box<[u8; BLOCK_SIZE]>, TransportError>),
+    SampleRtt,
 }
 
 impl Task {
     async fn run(
         self,
         dial: Dial,
-        options: ConnectOptions,
+        options: UpstreamOptions,
         mut outbound: mpsc::Receiver<Vec<u8>>,
         cancel: CancellationToken,
     ) {
         let connected = tokio::select! {
             () = cancel.cancelled() => return,
-            r = connect(&dial, &options) => r,
+            r = connect(&dial, &options.connect) => r,
         };
         let (mut blocks, info) = match connected {
             Ok(c) => c,
@@ -280,6 +299,12 @@ impl Task {
         if !self.report(UpstreamEventKind::Connected(info)).await {
             return;
         }
+        // The first tick is immediate: the handshake already gave the kernel an estimate.
+        let mut rtt_timer = options.rtt_interval.map(|every| {
+            let mut t = tokio::time::interval(every);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
         loop {
             // Writes first: a reply the pool is waiting for should not queue behind reads.
             // Reading is cancel-safe, so losing the race to a write loses nothing.
@@ -288,6 +313,7 @@ impl Task {
                 () = cancel.cancelled() => Step::Stop,
                 b = outbound.recv() => b.map_or(Step::Stop, Step::Write),
                 r = blocks.read_block() => Step::Read(r),
+                _ = tick(rtt_timer.as_mut()) => Step::SampleRtt,
             };
             match step {
                 Step::Stop => break,
@@ -308,6 +334,7 @@ impl Task {
                         break;
                     }
                 }
+                Step::SampleRtt => self.sample_rtt(&blocks),
                 Step::Read(Err(e)) => {
                     tracing::debug!(error = %e, "transport lost");
                     self.report(UpstreamEventKind::Disconnected(loss_reason(&e)))
@@ -320,6 +347,24 @@ impl Task {
         tracing::debug!("transport closed");
     }
 
+    /// Reports the kernel's RTT estimate. Lossy on purpose: a sample the full channel cannot
+    /// take is dropped rather than holding up the socket.
+    fn sample_rtt(&self, blocks: &BlockStream<TlsStream<TcpStream>>) {
+        let tcp = blocks.get_ref().get_ref().0;
+        match tcp_rtt(tcp) {
+            Ok(Some(rtt)) => {
+                let event = UpstreamEvent {
+                    conn: self.conn,
+                    server: self.server.clone(),
+                    kind: UpstreamEventKind::Rtt(rtt),
+                };
+                let _ = self.events.try_send(event);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "cannot read TCP_INFO"),
+        }
+    }
+
     /// Sends an event to the driver; `false` once the driver is gone.
     async fn report(&self, kind: UpstreamEventKind) -> bool {
         let event = UpstreamEvent {
@@ -328,6 +373,16 @@ impl Task {
             kind,
         };
         self.events.send(event).await.is_ok()
+    }
+}
+
+/// The next tick of an optional timer; never, without one.
+async fn tick(timer: Option<&mut tokio::time::Interval>) {
+    match timer {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -351,6 +406,19 @@ async fn connect(
 ) -> Result<(BlockStream<TlsStream<TcpStream>>, TransportInfo), String> {
     // `[::1]` in an address is a literal, which the resolver wants without brackets.
     let host = dial.host.trim_start_matches('[').trim_end_matches(']');
+    // With no network at all, resolving and dialing would only fail (or hang on DNS); the
+    // pool backs off and the network watcher wakes it when an interface comes up. Loopback
+    // servers are always dialed.
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback && !crate::netwatch::has_network() {
+        return Err(format!(
+            "no network (no interface is up with an address); not dialing {host} until the \
+             network changes"
+        ));
+    }
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, dial.port))
         .await
         .map_err(|e| format!("cannot resolve {host}: {e}"))?
@@ -408,7 +476,7 @@ mod tests {
     #[tokio::test]
     async fn refused_blocks_wait_in_order_and_move_when_there_is_room() {
         let (events, _events_rx) = mpsc::channel(1);
-        let mut up = Upstreams::new(events, TaskTracker::new());
+        let mut up = Upstreams::new(events, TaskTracker::new(), UpstreamOptions::default());
         let key = server_key();
         let (tx, mut rx) = mpsc::channel(2);
         up.links.insert(

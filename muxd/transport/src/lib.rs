@@ -5,6 +5,7 @@
 //!   [`muxd_smp::cert`] and verifies Ed25519 **and Ed448** CertificateVerify signatures.
 //! * [`block`]: [`BlockStream`] moves exactly-16384-byte SMP blocks over that TLS stream,
 //!   either raw or as one WebSocket binary message per block.
+//! * [`tcp_info`]: the kernel's RTT estimate for a connected socket, for the lag history.
 //! * [`server`]: the server half (identity generation, rustls `ServerConfig` with an openssl
 //!   Ed448/Ed25519 signing key, session-key signing, WebSocket accept) for the dev relay and
 //!   for tests. It is real code, not a mock.
@@ -16,11 +17,13 @@
 pub mod block;
 mod error;
 pub mod server;
+pub mod tcp_info;
 pub mod tls;
 mod websocket;
 
 pub use block::{BLOCK_SIZE, BlockStream, CarrierKind};
 pub use error::TransportError;
-pub use tls::{Alpn, ConnectOptions, KeepAlive, TlsConnection, connect_tls};
+pub use tcp_info::tcp_rtt;
+pub use tls::{Alpn, ConnectOptions, DEFAULT_USER_TIMEOUT, KeepAlive, TlsConnection, connect_tls};
 // Callers name the stream types in `BlockStream<…>`.
 pub use tokio_rustls;

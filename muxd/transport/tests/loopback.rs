@@ -165,6 +165,25 @@ async fn keepalive_is_set_on_the_socket() {
     assert_eq!(sock.keepalive_time().unwrap(), Duration::from_secs(41));
     assert_eq!(sock.keepalive_interval().unwrap(), Duration::from_secs(7));
     assert_eq!(sock.keepalive_retries().unwrap(), 3);
+    #[cfg(target_os = "linux")]
+    assert_eq!(
+        sock.tcp_user_timeout().unwrap(),
+        Some(muxd_transport::DEFAULT_USER_TIMEOUT)
+    );
+}
+
+#[test]
+fn default_keepalive_notices_a_dead_peer_within_half_a_minute() {
+    let ka = KeepAlive::default();
+    assert_eq!(
+        (ka.idle, ka.interval, ka.retries),
+        (Duration::from_secs(15), Duration::from_secs(5), 3)
+    );
+    assert!(ka.idle + ka.interval * ka.retries <= Duration::from_secs(30));
+    assert_eq!(
+        ConnectOptions::default().user_timeout,
+        Some(Duration::from_secs(30))
+    );
 }
 
 #[tokio::test]

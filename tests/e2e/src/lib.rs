@@ -455,6 +455,26 @@ impl Relay {
         self.stdout = None;
     }
 
+    /// Stops the relay with SIGTERM (its graceful path) and waits for it to exit, killing it
+    /// after [`PATIENCE`].
+    pub fn terminate(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + PATIENCE;
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.stdout = None;
+    }
+
     /// Starts the relay again on the same ports, with the same identity and store.
     pub fn restart(&mut self) {
         self.kill();

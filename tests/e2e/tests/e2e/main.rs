@@ -3,6 +3,7 @@
 // Test helpers outside `#[test]` functions may panic freely too.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
+mod alive;
 mod daemon;
 mod muxctl;
 mod python;

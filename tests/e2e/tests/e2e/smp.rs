@@ -26,7 +26,7 @@ const MAX_UNREAD: usize = 100;
 const EXCHANGE_PATIENCE: Duration = Duration::from_secs(120);
 
 /// `muxctl --socket <daemon> --app <app> <args…>`, run to completion.
-fn muxctl(socket: &Path, app: &str, args: &[&str]) -> Output {
+pub(crate) fn muxctl(socket: &Path, app: &str, args: &[&str]) -> Output {
     Command::new(muxctl_bin())
         .env_remove("MUXD_SOCKET")
         .env_remove("MUXD_APP")
@@ -39,7 +39,7 @@ fn muxctl(socket: &Path, app: &str, args: &[&str]) -> Output {
 }
 
 /// Like [`muxctl`], failing the test unless it succeeds; returns stdout.
-fn muxctl_ok(socket: &Path, app: &str, args: &[&str]) -> String {
+pub(crate) fn muxctl_ok(socket: &Path, app: &str, args: &[&str]) -> String {
     let out = muxctl(socket, app, args);
     assert!(
         out.status.success(),
@@ -52,12 +52,12 @@ fn muxctl_ok(socket: &Path, app: &str, args: &[&str]) -> String {
 
 /// A queue as `muxctl queue create --json` prints it.
 #[derive(Debug)]
-struct Queue {
-    id: String,
-    uri: String,
+pub(crate) struct Queue {
+    pub(crate) id: String,
+    pub(crate) uri: String,
 }
 
-fn create_queue(socket: &Path, app: &str, server: &str, ws: bool) -> Queue {
+pub(crate) fn create_queue(socket: &Path, app: &str, server: &str, ws: bool) -> Queue {
     let mut args = vec!["--json", "queue", "create", server];
     if ws {
         args.push("--ws");
@@ -71,7 +71,7 @@ fn create_queue(socket: &Path, app: &str, server: &str, ws: bool) -> Queue {
 }
 
 /// `muxctl recv --count n --json`: the bodies, in order.
-fn muxctl_recv(socket: &Path, app: &str, queue: &Queue, n: usize) -> Vec<String> {
+pub(crate) fn muxctl_recv(socket: &Path, app: &str, queue: &Queue, n: usize) -> Vec<String> {
     let out = muxctl_ok(
         socket,
         app,
@@ -195,12 +195,12 @@ fn recv_all(
     got
 }
 
-fn expected(prefix: &str, n: usize) -> Vec<String> {
+pub(crate) fn expected(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}")).collect()
 }
 
 /// The `upstreams` of `muxctl status --json`.
-fn upstreams(socket: &Path) -> Vec<serde_json::Value> {
+pub(crate) fn upstreams(socket: &Path) -> Vec<serde_json::Value> {
     let out = muxctl_ok(socket, "muxctl", &["--json", "status"]);
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     v["upstreams"].as_array().cloned().unwrap_or_default()
