@@ -168,8 +168,17 @@ pub struct ServerPolicy {
     /// How long a PING may wait for its PONG before it counts as missed.
     pub pong_timeout: Duration,
     /// Missed PONGs in a row that declare the link dead (the pool then disconnects and
-    /// reconnects). Each miss is followed at once by another PING.
+    /// reconnects). Each miss is followed at once by another PING. A PING counts as missed
+    /// only when nothing at all arrived before its deadline: a server whose PONG waits
+    /// behind its other answers is busy, not gone.
     pub max_missed_pongs: u32,
+    /// How long a command (anything but PING) may wait for its answer, with nothing at all
+    /// received meanwhile, before a PING probes the link. A link blackholed by a middlebox
+    /// that still ACKs TCP is then declared dead after this plus `max_missed_pongs` PONG
+    /// deadlines (30 s with the defaults) instead of after `max_command_timeouts` command
+    /// timeouts. Any block received restarts the wait, and a link with no command in
+    /// flight is never probed this way. `Duration::MAX` switches the probe off.
+    pub stall_probe_after: Duration,
     /// PING interval of [`crate::Pool::set_lag_watch`] when the caller gives none.
     pub lag_watch_interval: Duration,
     /// Round-trip samples kept per server.
@@ -195,6 +204,9 @@ impl Default for ServerPolicy {
             ping_idle: Duration::from_secs(600),
             pong_timeout: Duration::from_secs(10),
             max_missed_pongs: 2,
+            // Well above a healthy round trip, even over Tor, and short enough that a probe
+            // plus two PONG deadlines finds a blackholed link within half a minute.
+            stall_probe_after: Duration::from_secs(10),
             lag_watch_interval: Duration::from_secs(1),
             lag_history: LagHistory::DEFAULT_CAPACITY,
             idle_disconnect: Some(Duration::from_secs(60)),

@@ -1097,7 +1097,8 @@ impl<M: Mailbox> Pool<M> {
     }
 
     /// Keep-alive of an established connection: PONG deadline, then the next PING (after
-    /// `ping_idle` of silence, every `lag_watch` interval, or at once after a miss).
+    /// `ping_idle` of silence, every `lag_watch` interval, after `stall_probe_after` of
+    /// silence while commands wait for answers, or at once after a miss).
     fn keepalive<R: RngCore + CryptoRng>(&mut self, now: Instant, rng: &mut R, key: &ServerKey) {
         let Some(s) = self.servers.get_mut(key) else {
             return;
@@ -1108,8 +1109,15 @@ impl<M: Mailbox> Pool<M> {
             }
             // A late PONG will find no command and be ignored.
             s.ping = None;
-            s.commands.remove(&corr_id);
-            s.missed_pongs += 1;
+            s.untrack(&corr_id);
+            // Blocks that came after the PING show the link carries data: the server is
+            // busy, and its PONG waits behind its other answers. Only silence is a miss.
+            let heard = s.last_ping.is_some_and(|sent| s.last_received > sent);
+            if heard {
+                s.missed_pongs = 0;
+            } else {
+                s.missed_pongs += 1;
+            }
             if s.missed_pongs >= s.policy.max_missed_pongs.max(1) {
                 let reason = format!(
                     "no PONG within {}s, {} times in a row",
@@ -1529,7 +1537,7 @@ impl<M: Mailbox> Pool<M> {
                 let Some(s) = self.servers.get_mut(key) else {
                     return;
                 };
-                let Some(flight) = s.commands.remove(&corr_id) else {
+                let Some(flight) = s.untrack(&corr_id) else {
                     return;
                 };
                 // Every answer is a free lag sample; a timeout is our own verdict, not one.
@@ -2136,7 +2144,7 @@ impl<M: Mailbox> Pool<M> {
         s.resub_failed = false;
         s.resubscribing = false;
         s.permanent = loss == Loss::Permanent;
-        let commands = std::mem::take(&mut s.commands);
+        let commands = s.untrack_all();
         let deferred = std::mem::take(&mut s.deferred);
         let error = s.error(key);
         for flight in commands.into_values() {
@@ -2391,7 +2399,7 @@ fn command_on<R: RngCore + CryptoRng>(
     let corr_id = conn
         .send_command(now, rng, entity_id, command, auth)
         .map_err(|e| e.to_string())?;
-    s.commands.insert(corr_id, Flight { pending, sent: now });
+    s.track(corr_id, Flight { pending, sent: now });
     touched.insert(key.clone());
     Ok(corr_id)
 }

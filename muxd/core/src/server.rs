@@ -1,6 +1,6 @@
 //! One upstream server: its key, its connection and what waits for it.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -275,7 +275,12 @@ pub(crate) struct Server {
     pub(crate) conn: Option<Connection>,
     pub(crate) connect_deadline: Option<Instant>,
     pub(crate) deferred: VecDeque<Deferred>,
+    /// Commands in flight. Change it only through [`Self::track`], [`Self::untrack`] and
+    /// [`Self::untrack_all`], which keep [`Self::waiting`] in step.
     pub(crate) commands: BTreeMap<CorrId, Flight>,
+    /// The commands in flight other than PING, oldest first: the oldest one dates a stall
+    /// (see [`Self::stall_probe_at`]) without a walk over every command in flight.
+    pub(crate) waiting: BTreeSet<(Instant, CorrId)>,
     pub(crate) policy: ServerPolicy,
     /// The current reconnect policy: `first_connect` until the first success, then
     /// `reconnect`.
@@ -360,6 +365,7 @@ impl Server {
             connect_deadline: None,
             deferred: VecDeque::new(),
             commands: BTreeMap::new(),
+            waiting: BTreeSet::new(),
         }
     }
 
@@ -391,11 +397,53 @@ impl Server {
             return self.since.min(self.last_received);
         }
         let idle = later(self.last_received, self.policy.ping_idle);
-        match (self.lag_watch, self.last_ping) {
+        let scheduled = match (self.lag_watch, self.last_ping) {
             (Some(every), Some(last)) => idle.min(later(last, every)),
             (Some(_), None) => self.last_received,
             (None, _) => idle,
+        };
+        self.stall_probe_at()
+            .map_or(scheduled, |stall| scheduled.min(stall))
+    }
+
+    /// When a stalled link is to be probed: once the oldest command in flight (PINGs aside)
+    /// has waited `stall_probe_after`, counted from the last block received when that came
+    /// later, since any block shows the link still carries data. So a server that answers
+    /// slowly but keeps sending is left alone, while one that went silent after answering
+    /// a probe is probed again. `None` while no such command is in flight: an idle link
+    /// costs nothing beyond the `ping_idle` keep-alive.
+    pub(crate) fn stall_probe_at(&self) -> Option<Instant> {
+        let &(oldest, _) = self.waiting.first()?;
+        Some(later(
+            oldest.max(self.last_received),
+            self.policy.stall_probe_after,
+        ))
+    }
+
+    /// Remembers a command sent on the connection.
+    pub(crate) fn track(&mut self, corr_id: CorrId, flight: Flight) {
+        // A PING is the probe itself; waiting on it is what the PONG deadline measures.
+        if !matches!(flight.pending, Pending::Ping) {
+            self.waiting.insert((flight.sent, corr_id));
         }
+        if let Some(old) = self.commands.insert(corr_id, flight) {
+            // Correlation ids are never reused within a connection; should one be, the
+            // older command is forgotten in both tables.
+            self.waiting.remove(&(old.sent, corr_id));
+        }
+    }
+
+    /// Forgets a command that was answered or given up; returns what it was for.
+    pub(crate) fn untrack(&mut self, corr_id: &CorrId) -> Option<Flight> {
+        let flight = self.commands.remove(corr_id)?;
+        self.waiting.remove(&(flight.sent, *corr_id));
+        Some(flight)
+    }
+
+    /// Forgets every command in flight (the connection is gone) and returns them.
+    pub(crate) fn untrack_all(&mut self) -> BTreeMap<CorrId, Flight> {
+        self.waiting.clear();
+        std::mem::take(&mut self.commands)
     }
 
     /// What `app` has waiting for this server or in flight to it.

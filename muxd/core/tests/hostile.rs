@@ -301,6 +301,7 @@ fn absurd_durations_do_not_panic() {
     config.connection.silence_limit = Duration::MAX;
     config.policy.ping_idle = Duration::MAX;
     config.policy.pong_timeout = Duration::MAX;
+    config.policy.stall_probe_after = Duration::MAX;
     config.policy.idle_disconnect = Some(Duration::MAX);
     config.policy.lag_watch_interval = Duration::MAX;
     config.policy.reconnect.base = Duration::from_secs(1);

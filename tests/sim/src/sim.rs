@@ -29,8 +29,16 @@ pub struct SimServer {
     pub blackholed: bool,
     /// One-way latency of the path.
     pub latency: Duration,
-    /// When each entry of `fake.seen` arrived at the server.
+    /// When the server took in each entry of `fake.seen` (its arrival, or later when
+    /// `processing` delays it).
     pub seen_at: Vec<Instant>,
+    /// How long the server takes to answer each block it is sent (a slow or overloaded
+    /// relay). Blocks are still processed in arrival order, as the server's per-client
+    /// thread does, each `processing` after it arrived; messages to the client's
+    /// subscriptions ([`Sim::inject`]) go out meanwhile.
+    pub processing: Duration,
+    /// When the last block sent to the server will have been processed.
+    busy_until: Option<Instant>,
 }
 
 /// A transport the pool holds.
@@ -49,6 +57,12 @@ enum Packet {
         attempt: u64,
     },
     ToServer {
+        server: usize,
+        conn: u64,
+        block: Vec<u8>,
+    },
+    /// A block that reached a slow server is processed now.
+    Processed {
         server: usize,
         conn: u64,
         block: Vec<u8>,
@@ -134,6 +148,8 @@ impl Sim {
             blackholed: false,
             latency,
             seen_at: Vec::new(),
+            processing: Duration::ZERO,
+            busy_until: None,
         });
         idx
     }
@@ -369,19 +385,29 @@ impl Sim {
                 if self.stuck.contains(&(server, conn)) || !s.fake.is_open(conn) {
                     return;
                 }
-                let out = s.fake.handle_block(conn, &block);
-                let arrived = s.fake.seen.len() - s.seen_at.len();
-                s.seen_at.extend(std::iter::repeat_n(self.now, arrived));
-                let at = self.now + s.latency;
-                for (conn, block) in out {
+                if !s.processing.is_zero() || s.busy_until.is_some_and(|t| t > self.now) {
+                    // Never before a block that came earlier: the cipher chain is ordered.
+                    let at = (self.now + s.processing).max(s.busy_until.unwrap_or(self.now));
+                    s.busy_until = Some(at);
                     self.schedule(
                         at,
-                        Packet::ToPool {
+                        Packet::Processed {
                             server,
                             conn,
                             block,
                         },
                     );
+                    return;
+                }
+                self.process(server, conn, &block);
+            }
+            Packet::Processed {
+                server,
+                conn,
+                block,
+            } => {
+                if self.servers[server].fake.is_open(conn) {
+                    self.process(server, conn, &block);
                 }
             }
             Packet::ToPool {
@@ -405,6 +431,25 @@ impl Sim {
                         .handle_block(self.now, &mut self.rng, &key, &block);
                 }
             }
+        }
+    }
+
+    /// Server `server` processes one block of connection `conn`; its answers leave now.
+    fn process(&mut self, server: usize, conn: u64, block: &[u8]) {
+        let s = &mut self.servers[server];
+        let out = s.fake.handle_block(conn, block);
+        let arrived = s.fake.seen.len() - s.seen_at.len();
+        s.seen_at.extend(std::iter::repeat_n(self.now, arrived));
+        let at = self.now + s.latency;
+        for (conn, block) in out {
+            self.schedule(
+                at,
+                Packet::ToPool {
+                    server,
+                    conn,
+                    block,
+                },
+            );
         }
     }
 

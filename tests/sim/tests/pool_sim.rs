@@ -267,9 +267,12 @@ fn a_server_that_sends_but_stops_reading_is_a_dead_link() {
     for (i, queue_id) in queues.iter().enumerate() {
         let rcv_id = muxd_smp::encoding::base64url_decode(queue_id).unwrap();
         sim.inject(a, &rcv_id, format!("noise {i}").into_bytes());
-        sim.run_for(Duration::from_secs(3));
-        if let Some((at, _)) = sim.disconnects.iter().find(|(_, k)| *k == key) {
-            detected = Some(*at);
+        // Stop right at the verdict: the fake server drops what it is sent while stalled,
+        // so a reconnect before it recovers would leave the new connection's cipher chain
+        // broken.
+        let gone = |s: &Sim| s.disconnects.iter().any(|(_, k)| *k == key);
+        if sim.run_while(Duration::from_secs(3), gone) {
+            detected = sim.disconnects.iter().find(|(_, k)| *k == key).map(|d| d.0);
             break;
         }
     }
@@ -302,6 +305,137 @@ fn a_server_that_sends_but_stops_reading_is_a_dead_link() {
         .filter(|q| q.subscription == muxd_core::Subscription::Subscribed)
         .count();
     assert_eq!(subscribed, 20);
+}
+
+/// PINGs server `idx` has taken in.
+fn pings(sim: &Sim, idx: usize) -> usize {
+    sim.servers[idx].fake.count("PING")
+}
+
+#[test]
+fn a_blackholed_link_with_a_send_in_flight_is_probed_and_dropped_within_31_s() {
+    let mut sim = Sim::new(23, PoolConfig::default());
+    let a = sim.add_server(18, LATENCY);
+    let (queue_id, uri) = sim.create_queue("alice", a);
+    // The first message secures the queue (SKEY, confirmation); the next is one SEND.
+    let first = sim.send("bob", &uri, &body(0));
+    sim.wait_reply(first, Duration::from_secs(5)).unwrap();
+    sim.run_for(Duration::from_secs(1));
+    let key = sim.key(a);
+    sim.set_blackhole(a, true);
+    let t0 = sim.now;
+    let second = sim.send("bob", &uri, &body(1));
+    let gone = |s: &Sim| s.disconnects.iter().any(|(_, k)| *k == key);
+    assert!(sim.run_while(Duration::from_secs(120), gone));
+    let (at, _) = sim.disconnects.iter().find(|(_, k)| *k == key).unwrap();
+    let took = *at - t0;
+    // stall_probe_after (10 s), then two PONG deadlines (10 s each); one tick of slack.
+    assert!(
+        took >= Duration::from_secs(30) && took <= Duration::from_secs(31),
+        "{took:?}"
+    );
+    let st = status(&sim, a);
+    assert_eq!(st.state, ConnState::BackingOff);
+    assert!(
+        st.last_error
+            .as_deref()
+            .unwrap()
+            .contains("no PONG within 10s, 2 times"),
+        "{st:?}"
+    );
+    // The reconnect starts well within 40 s of the blackhole.
+    let connects_before = sim.connect_times(a).len();
+    sim.run_until(t0 + Duration::from_secs(40));
+    let retries: Vec<Duration> = sim.connect_times(a)[connects_before..]
+        .iter()
+        .map(|t| *t - t0)
+        .collect();
+    assert!(!retries.is_empty(), "no reconnect within 40 s");
+
+    // The path heals: the message waited and arrives exactly once.
+    sim.set_blackhole(a, false);
+    assert!(sim.run_while(Duration::from_secs(300), |s| all_sent(s, &[second])));
+    sim.run_for(Duration::from_secs(1));
+    assert_eq!(sim.received[&queue_id], vec![body(0), body(1)]);
+    assert_copies_suppressed(&sim, 2);
+}
+
+#[test]
+fn a_slow_server_that_keeps_sending_is_not_declared_dead() {
+    let mut sim = Sim::new(29, PoolConfig::default());
+    let a = sim.add_server(18, LATENCY);
+    let queues: Vec<(String, String)> = (0..4).map(|_| sim.create_queue("alice", a)).collect();
+    let first = sim.send("bob", &queues[0].1, &body(0));
+    sim.wait_reply(first, Duration::from_secs(5)).unwrap();
+    sim.run_for(Duration::from_secs(1));
+    // Every command now takes 15 s to be answered, PINGs included (one per-client thread
+    // works through them in order), while other clients' messages to the subscribed
+    // queues keep arriving every 5 s.
+    sim.servers[a].processing = Duration::from_secs(15);
+    let t0 = sim.now;
+    let slow = sim.send("bob", &queues[0].1, &body(1));
+    for i in 0..12u32 {
+        let (queue_id, _) = &queues[i as usize % queues.len()];
+        let rcv_id = muxd_smp::encoding::base64url_decode(queue_id).unwrap();
+        sim.inject(a, &rcv_id, format!("noise {i}").into_bytes());
+        sim.run_for(Duration::from_secs(5));
+    }
+    let (at, result) = &sim.replies[&slow];
+    assert!(result.is_ok(), "{result:?}");
+    let took = *at - t0;
+    assert!(
+        took >= Duration::from_secs(15) && took <= Duration::from_secs(16),
+        "{took:?}"
+    );
+    // The messages stop. One more SEND: 10 s of silence later the link is probed, and
+    // the PONG takes 15 s too, past its 10 s deadline; the SEND's answer (and the MSG it
+    // makes) arrive before that deadline, which shows the link alive: no miss counts.
+    sim.run_for(Duration::from_secs(30));
+    let pings_before = pings(&sim, a);
+    let t1 = sim.now;
+    let last = sim.send("bob", &queues[0].1, &body(2));
+    sim.run_for(Duration::from_secs(120));
+    assert!(
+        pings(&sim, a) > pings_before,
+        "the silent link was not probed"
+    );
+    let (at, result) = &sim.replies[&last];
+    assert!(result.is_ok(), "{result:?}");
+    assert!(*at - t1 <= Duration::from_secs(16), "{:?}", *at - t1);
+    assert!(
+        sim.disconnects.is_empty(),
+        "a slow server was dropped: {:?}",
+        status(&sim, a)
+    );
+    assert_eq!(status(&sim, a).state, ConnState::Up);
+    assert_eq!(sim.received[&queues[0].0], vec![body(0), body(1), body(2)]);
+    // The noise is no message of ours, but every piece arrived and was acknowledged.
+    assert!(
+        sim.servers[a]
+            .fake
+            .queues
+            .values()
+            .all(|q| q.msgs.is_empty())
+    );
+}
+
+#[test]
+fn an_idle_link_is_not_probed_before_600_s() {
+    let mut sim = Sim::new(31, PoolConfig::default());
+    let a = sim.add_server(18, LATENCY);
+    let (_, uri) = sim.create_queue("alice", a);
+    let t = sim.send("bob", &uri, &body(0));
+    sim.wait_reply(t, Duration::from_secs(5)).unwrap();
+    // Every command has been answered; the last block came just now.
+    sim.run_for(Duration::from_secs(1));
+    let quiet_from = sim.now;
+    assert_eq!(pings(&sim, a), 0);
+    sim.run_until(quiet_from + Duration::from_secs(598));
+    assert_eq!(pings(&sim, a), 0, "no PING before 600 s of silence");
+    assert!(sim.transmits.iter().all(|(t, _)| *t < quiet_from));
+    sim.run_until(quiet_from + Duration::from_secs(601));
+    assert_eq!(pings(&sim, a), 1);
+    assert_eq!(status(&sim, a).state, ConnState::Up);
 }
 
 /// The un-jittered delay before retry `n` (1-based).
