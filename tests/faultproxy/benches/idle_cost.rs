@@ -103,10 +103,11 @@ impl Client {
                 if let Event::Response {
                     corr_id, result, ..
                 } = e
-                    && corr_id == corr {
-                        assert!(matches!(result, Ok(Response::Pong)), "{result:?}");
-                        return t.elapsed();
-                    }
+                    && corr_id == corr
+                {
+                    assert!(matches!(result, Ok(Response::Pong)), "{result:?}");
+                    return t.elapsed();
+                }
             }
         }
     }

@@ -435,18 +435,16 @@ impl StoreInner {
         q.msgs.push_back(stored.clone());
         let subscriber = q.subscriber();
         self.append(|| Record::message(&rcv_id, &stored));
-        if was_empty
-            && let Some(conn) = subscriber {
-                let idle = self
-                    .queues
-                    .get(&rcv_id)
-                    .and_then(|q| q.subs.get(&conn))
-                    .is_some_and(|s| s.delivered.is_none());
-                if idle
-                    && let Some(msg) = self.deliver_head(conn, &rcv_id) {
-                        self.notify(conn, &rcv_id, msg);
-                    }
+        if was_empty && let Some(conn) = subscriber {
+            let idle = self
+                .queues
+                .get(&rcv_id)
+                .and_then(|q| q.subs.get(&conn))
+                .is_some_and(|s| s.delivered.is_none());
+            if idle && let Some(msg) = self.deliver_head(conn, &rcv_id) {
+                self.notify(conn, &rcv_id, msg);
             }
+        }
         result
     }
 
