@@ -17,7 +17,7 @@
 //! `reconnect` and `lag` requests into pool calls, and tells `watch` clients about every
 //! connection state change and `lag` clients about every new round-trip sample.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -43,6 +43,14 @@ const WATCH_INTERVAL_BOUNDS: (Duration, Duration) =
 
 /// Longest `recv` long-poll: clients re-ask, and a forgotten waiter should not live for days.
 const MAX_RECV_WAIT: Duration = Duration::from_secs(300);
+
+/// `recv` long-polls one client may have waiting at once; more are answered `busy`. An app
+/// needs about one per queue it follows; the bound keeps a client from piling up timers.
+const MAX_RECV_WAITERS_PER_CLIENT: usize = 32;
+
+/// Encoded bytes of messages one `recv` reply carries at most; the rest stay waiting for the
+/// next `recv`. Well under `MAX_FRAME_LEN` (1 MiB), leaving room for the reply's envelope.
+const RECV_REPLY_BUDGET: usize = 768 * 1024;
 
 /// The `lag` ping interval when the client names none (`ipc-proto` documents 1000 ms).
 const DEFAULT_LAG_INTERVAL: Duration = Duration::from_secs(1);
@@ -78,7 +86,7 @@ pub(crate) struct Hub {
     /// Pool requests in flight: who asked, and the id to answer with.
     pending: BTreeMap<RequestToken, (ClientId, u64)>,
     /// `recv` requests waiting for a message.
-    waiters: Vec<RecvWaiter>,
+    waiters: Waiters,
     /// The pool's socket actions, for the drive loop to carry out.
     socket_actions: VecDeque<Action>,
     /// Set when the client count or an upstream changed and watchers have not been told yet.
@@ -107,7 +115,7 @@ struct Watch {
 }
 
 /// A `recv` that found nothing waiting and may wait.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct RecvWaiter {
     client: ClientId,
     id: u64,
@@ -115,6 +123,90 @@ struct RecvWaiter {
     queue_id: String,
     max: Option<usize>,
     deadline: Instant,
+}
+
+/// The waiting `recv`s, indexed so that an arrival, a timer and a leaving client each touch
+/// only the waiters concerned (a client can have at most [`MAX_RECV_WAITERS_PER_CLIENT`]).
+#[derive(Debug, Default)]
+struct Waiters {
+    next_seq: u64,
+    all: BTreeMap<u64, RecvWaiter>,
+    /// (app, queue id) → waiters on it, in arrival order.
+    by_queue: BTreeMap<(String, String), BTreeSet<u64>>,
+    by_client: BTreeMap<ClientId, BTreeSet<u64>>,
+    /// Earliest first; the first entry is [`Hub::poll_timeout`]'s candidate.
+    by_deadline: BTreeSet<(Instant, u64)>,
+}
+
+impl Waiters {
+    fn count_for(&self, client: ClientId) -> usize {
+        self.by_client.get(&client).map_or(0, BTreeSet::len)
+    }
+
+    fn insert(&mut self, w: RecvWaiter) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.by_queue
+            .entry((w.app.clone(), w.queue_id.clone()))
+            .or_default()
+            .insert(seq);
+        self.by_client.entry(w.client).or_default().insert(seq);
+        self.by_deadline.insert((w.deadline, seq));
+        self.all.insert(seq, w);
+    }
+
+    fn remove(&mut self, seq: u64) -> Option<RecvWaiter> {
+        let w = self.all.remove(&seq)?;
+        let key = (w.app.clone(), w.queue_id.clone());
+        if let Some(set) = self.by_queue.get_mut(&key) {
+            set.remove(&seq);
+            if set.is_empty() {
+                self.by_queue.remove(&key);
+            }
+        }
+        if let Some(set) = self.by_client.get_mut(&w.client) {
+            set.remove(&seq);
+            if set.is_empty() {
+                self.by_client.remove(&w.client);
+            }
+        }
+        self.by_deadline.remove(&(w.deadline, seq));
+        Some(w)
+    }
+
+    /// Takes every waiter on one queue of one app.
+    fn take_queue(&mut self, app: &str, queue_id: &str) -> Vec<RecvWaiter> {
+        let key = (app.to_owned(), queue_id.to_owned());
+        let seqs = self.by_queue.get(&key).cloned().unwrap_or_default();
+        seqs.into_iter().filter_map(|s| self.remove(s)).collect()
+    }
+
+    /// Takes the waiters whose deadline is at or before `now`.
+    fn take_expired(&mut self, now: Instant) -> Vec<RecvWaiter> {
+        let mut out = Vec::new();
+        while let Some(&(deadline, seq)) = self.by_deadline.first() {
+            if deadline > now {
+                break;
+            }
+            out.extend(self.remove(seq));
+        }
+        out
+    }
+
+    fn remove_client(&mut self, client: ClientId) {
+        let seqs = self.by_client.get(&client).cloned().unwrap_or_default();
+        for seq in seqs {
+            self.remove(seq);
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.by_deadline.first().map(|(d, _)| *d)
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
 }
 
 impl Hub {
@@ -136,7 +228,7 @@ impl Hub {
             rng,
             next_token: 1,
             pending: BTreeMap::new(),
-            waiters: Vec::new(),
+            waiters: Waiters::default(),
             socket_actions: VecDeque::new(),
             status_dirty: false,
             upstream_changes: Vec::new(),
@@ -227,11 +319,7 @@ impl Hub {
         if self.pool.poll_timeout().is_some_and(|t| t <= now) {
             self.pool.handle_timeout(now, &mut self.rng);
         }
-        let (expired, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
-            .into_iter()
-            .partition(|w| w.deadline <= now);
-        self.waiters = waiting;
-        for w in expired {
+        for w in self.waiters.take_expired(now) {
             self.answer_recv(&w);
         }
         self.drain_pool();
@@ -244,8 +332,10 @@ impl Hub {
             .clients
             .values()
             .filter_map(|c| c.watch.as_ref().map(|w| w.next_due));
-        let waits = self.waiters.iter().map(|w| w.deadline);
-        watches.chain(waits).chain(self.pool.poll_timeout()).min()
+        watches
+            .chain(self.waiters.next_deadline())
+            .chain(self.pool.poll_timeout())
+            .min()
     }
 
     /// The next socket action of the pool (connect, transmit, disconnect).
@@ -354,7 +444,19 @@ impl Hub {
                     .messages(&waiter.app, &waiter.queue_id, Some(1))
                     .is_ok_and(|m| m.is_empty());
                 if waiting && waiter.deadline > now {
-                    self.waiters.push(waiter);
+                    if self.waiters.count_for(client) >= MAX_RECV_WAITERS_PER_CLIENT {
+                        let err = ErrorFrame {
+                            id: Some(id),
+                            code: ErrorCode::Busy,
+                            message: format!(
+                                "this connection already has {MAX_RECV_WAITERS_PER_CLIENT} \
+                                 recv requests waiting; wait for one to return first"
+                            ),
+                        };
+                        self.deliver(client, &ServerMessage::Error(err));
+                    } else {
+                        self.waiters.insert(waiter);
+                    }
                 } else {
                     self.answer_recv(&waiter);
                 }
@@ -464,11 +566,7 @@ impl Hub {
     fn handle_pool_event(&mut self, event: PoolEvent) {
         match event {
             PoolEvent::MessageArrived { app, queue_id } => {
-                let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
-                    .into_iter()
-                    .partition(|w| w.app == app && w.queue_id == queue_id);
-                self.waiters = waiting;
-                for w in ready {
+                for w in self.waiters.take_queue(&app, &queue_id) {
                     self.answer_recv(&w);
                 }
             }
@@ -496,19 +594,28 @@ impl Hub {
         }
     }
 
-    /// Answers a `recv` with what waits now (possibly nothing).
+    /// Answers a `recv` with what waits now (possibly nothing), oldest first, as many as fit
+    /// [`RECV_REPLY_BUDGET`] (at least one): the rest stay waiting for the next `recv`.
     fn answer_recv(&mut self, w: &RecvWaiter) {
         match self.pool.messages(&w.app, &w.queue_id, w.max) {
-            Ok(messages) => {
-                let messages = messages
-                    .into_iter()
-                    .map(|m| ReceivedMessage {
+            Ok(waiting) => {
+                let mut messages = Vec::new();
+                let mut used = 0usize;
+                for m in waiting {
+                    let m = ReceivedMessage {
                         queue_id: m.queue_id,
                         msg_id: m.msg_id,
                         ts: m.ts,
                         body_b64: base64::engine::general_purpose::STANDARD.encode(&m.body),
-                    })
-                    .collect();
+                    };
+                    // Its exact JSON size plus a separating comma.
+                    let size = serde_json::to_vec(&m).map_or(usize::MAX, |v| v.len() + 1);
+                    if !messages.is_empty() && used.saturating_add(size) > RECV_REPLY_BUDGET {
+                        break;
+                    }
+                    used = used.saturating_add(size);
+                    messages.push(m);
+                }
                 self.reply(
                     w.client,
                     Response {
@@ -522,15 +629,9 @@ impl Hub {
     }
 
     fn fail(&mut self, client: ClientId, id: u64, e: &PoolError) {
-        let code = match e {
-            PoolError::NotFound(_) => ErrorCode::NotFound,
-            PoolError::InvalidArgument(_) => ErrorCode::InvalidArgument,
-            PoolError::Upstream { .. } => ErrorCode::Upstream,
-            _ => ErrorCode::Internal,
-        };
         let err = ErrorFrame {
             id: Some(id),
-            code,
+            code: error_code(e),
             message: e.to_string(),
         };
         self.deliver(client, &ServerMessage::Error(err));
@@ -542,9 +643,38 @@ impl Hub {
 
     /// Queues `msg` for `client`, dropping the client if it cannot take it. Returns whether the
     /// client is still connected.
+    ///
+    /// A response that cannot be encoded (over `MAX_FRAME_LEN`: a `status` of thousands of
+    /// upstreams, a `ping` echoing nearly 1 MiB) is answered with an error frame for its id,
+    /// so the request fails instead of hanging.
     fn deliver(&mut self, client: ClientId, msg: &ServerMessage) -> bool {
-        let Some(frame) = encode(msg) else {
-            return true;
+        let frame = match encode(msg) {
+            Some(frame) => frame,
+            None => {
+                let ServerMessage::Response(Response { id, reply }) = msg else {
+                    // Not an answer to anything (encode logged it); nobody waits for it.
+                    return true;
+                };
+                let (code, message) = match reply {
+                    Reply::Pong { .. } => (
+                        ErrorCode::InvalidArgument,
+                        "ping data too long: the pong would exceed the 1 MiB frame limit",
+                    ),
+                    _ => (
+                        ErrorCode::Internal,
+                        "the reply would exceed the 1 MiB frame limit",
+                    ),
+                };
+                let err = ServerMessage::Error(ErrorFrame {
+                    id: Some(*id),
+                    code,
+                    message: message.to_owned(),
+                });
+                let Some(frame) = encode(&err) else {
+                    return true;
+                };
+                frame
+            }
         };
         self.deliver_frame(client, frame)
     }
@@ -576,7 +706,7 @@ impl Hub {
         let Some(c) = self.clients.remove(&client) else {
             return;
         };
-        self.waiters.retain(|w| w.client != client);
+        self.waiters.remove_client(client);
         for key in c.lags.keys() {
             self.update_lag_watch(key);
         }
@@ -766,6 +896,18 @@ impl Hub {
     }
 }
 
+/// The IPC error code of a pool error.
+fn error_code(e: &PoolError) -> ErrorCode {
+    match e {
+        PoolError::NotFound(_) => ErrorCode::NotFound,
+        PoolError::InvalidArgument(_) => ErrorCode::InvalidArgument,
+        // A per-app limit: the app can retry once it has less going on.
+        PoolError::LimitReached(_) => ErrorCode::Busy,
+        PoolError::Upstream { .. } => ErrorCode::Upstream,
+        _ => ErrorCode::Internal,
+    }
+}
+
 fn ipc_lag_summary(l: &muxd_core::LagSummary) -> LagSummary {
     LagSummary {
         count: u32::try_from(l.count).unwrap_or(u32::MAX),
@@ -892,8 +1034,16 @@ pub(crate) async fn drive(
         if !wake_was_command && let Ok(cmd) = commands.try_recv() {
             hub.handle_command(Instant::now(), cmd);
         }
-        while let Some(action) = hub.poll_socket_action() {
-            upstreams.execute(action);
+        // A backlog that overflowed while carrying out the actions is news for the pool,
+        // whose answer may be more actions.
+        loop {
+            while let Some(action) = hub.poll_socket_action() {
+                upstreams.execute(action);
+            }
+            let Some(ev) = upstreams.poll_local_event() else {
+                break;
+            };
+            hub.handle_upstream(Instant::now(), ev);
         }
         if hub.poll_shutdown_request() {
             shutdown.trigger(ShutdownReason::Request);
@@ -1074,6 +1224,61 @@ mod tests {
             [ServerMessage::Response(Response { id: 9, .. })]
         ));
         drop(slow);
+    }
+
+    #[test]
+    fn a_reply_too_large_to_encode_fails_its_request_instead_of_vanishing() {
+        let t0 = Instant::now();
+        let mut hub = hub(t0);
+        let mut rx = connect(&mut hub, t0, 1, 8);
+        // The request frame itself could carry this; the pong's envelope pushes it over.
+        let data = "x".repeat(muxd_ipc_proto::MAX_FRAME_LEN - 20);
+        request(&mut hub, t0, 1, 5, Op::Ping { data });
+        request(&mut hub, t0, 1, 6, Op::Ping { data: "ok".into() });
+        let got = drain(&mut rx);
+        assert_eq!(got.len(), 2, "{got:?}");
+        let (id, code, message) = error_of(&got[0]);
+        assert_eq!((id, code), (Some(5), ErrorCode::InvalidArgument));
+        assert!(message.contains("1 MiB"), "{message}");
+        assert!(matches!(
+            got[1],
+            ServerMessage::Response(Response { id: 6, .. })
+        ));
+        assert_eq!(hub.client_count(), 1);
+    }
+
+    #[test]
+    fn a_limit_of_the_pool_is_busy_not_internal() {
+        let e = PoolError::LimitReached("too many servers for this app".into());
+        assert_eq!(error_code(&e), ErrorCode::Busy);
+        assert_eq!(
+            error_code(&PoolError::NotFound("q".into())),
+            ErrorCode::NotFound
+        );
+    }
+
+    #[test]
+    fn a_client_over_its_byte_budget_is_a_slow_consumer() {
+        let t0 = Instant::now();
+        let mut hub = hub(t0);
+        // Plenty of frames allowed, but only 4 KiB of them.
+        let (handle, end) = ClientHandle::with_byte_budget(ClientId(1), 128, 4096);
+        hub.handle_command(
+            t0,
+            Command::Connect {
+                handle,
+                app: "big".into(),
+            },
+        );
+        let data = "y".repeat(1500);
+        for id in 0..2 {
+            let op = Op::Ping { data: data.clone() };
+            request(&mut hub, t0, 1, id, op);
+        }
+        assert_eq!(hub.client_count(), 1, "3 KiB queued: within budget");
+        request(&mut hub, t0, 1, 2, Op::Ping { data });
+        assert_eq!(hub.client_count(), 0, "the third frame would pass 4 KiB");
+        drop(end);
     }
 
     #[test]

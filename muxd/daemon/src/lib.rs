@@ -143,6 +143,7 @@ pub async fn serve(
             c
         },
         rtt_interval: config.rtt_sample_interval,
+        max_backlog_blocks: upstream::DEFAULT_MAX_BACKLOG_BLOCKS,
     };
     let upstreams = upstream::Upstreams::new(upstream_tx, tracker.clone(), options);
     // One pending change is enough: later ones merge into it.

@@ -58,18 +58,25 @@ fn main() -> ExitCode {
 }
 
 fn run(config: Config) -> anyhow::Result<()> {
-    telemetry::init(&config.log_level, config.log_format)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(muxd::run(config, muxd::os_signal()))?;
-    Ok(())
+    // Held to the end: dropping it flushes the log lines still buffered.
+    let _log = telemetry::init(&config.log_level, config.log_format)?;
+    let result = (|| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        runtime.block_on(muxd::run(config, muxd::os_signal()))?;
+        Ok(())
+    })();
+    if let Err(e) = &result {
+        // Logged here, while the log writer still runs; `fail` only prints to stderr.
+        tracing::error!(error = format!("{e:#}"), "muxd failed");
+    }
+    result
 }
 
-/// Reports a fatal error on stderr (and in the log, if it is set up) and picks the exit code.
+/// Reports a fatal error on stderr and picks the exit code (`run` has logged it already).
 fn fail(e: &anyhow::Error, code: u8) -> ExitCode {
-    tracing::error!(error = format!("{e:#}"), "muxd failed");
     #[allow(clippy::print_stderr)]
     {
         eprintln!("muxd: error: {e:#}");

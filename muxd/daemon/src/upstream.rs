@@ -10,7 +10,10 @@
 //! The driver never awaits a socket (STYLE practice 2): [`Upstreams::execute`] hands a block
 //! to the task's bounded channel with `try_send`, and a block the channel refuses is kept in
 //! that server's backlog and offered again once [`Upstreams::poll_writable`] sees room, in
-//! order (quinn's `drive_transmit`). A slow server therefore only grows its own backlog.
+//! order (quinn's `drive_transmit`). A slow server therefore only grows its own backlog, and
+//! only up to [`UpstreamOptions::max_backlog_blocks`]: a server that keeps sending but stops
+//! reading is then cut off, and the pool hears `disconnected("write backlog full")` through
+//! [`Upstreams::poll_local_event`] (it backs off and reconnects as after any loss).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -32,6 +35,12 @@ use tracing::Instrument as _;
 /// Blocks the driver may hand one task before that server's backlog starts to grow. A few
 /// blocks keep the socket busy; more would only hide a stalled server from the backlog.
 const OUTBOUND_BLOCKS: usize = 8;
+
+/// Blocks one server's backlog may hold before the connection is given up (1 MiB).
+pub(crate) const DEFAULT_MAX_BACKLOG_BLOCKS: usize = 64;
+
+/// The reason the pool sees when a server's backlog overflowed.
+const BACKLOG_FULL: &str = "write backlog full";
 
 /// How long a task spends closing politely (TLS close_notify, WebSocket close) when stopped.
 const CLOSE_BUDGET: Duration = Duration::from_secs(1);
@@ -64,12 +73,25 @@ pub(crate) enum UpstreamEventKind {
 }
 
 /// How the tasks dial and watch their sockets.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub(crate) struct UpstreamOptions {
     /// TCP and TLS settings for every dial.
     pub(crate) connect: ConnectOptions,
     /// How often a connected task reports the kernel's RTT; `None` never.
     pub(crate) rtt_interval: Option<Duration>,
+    /// Blocks a server's backlog may hold (beyond the task's channel) before the connection
+    /// is dropped as stalled.
+    pub(crate) max_backlog_blocks: usize,
+}
+
+impl Default for UpstreamOptions {
+    fn default() -> Self {
+        Self {
+            connect: ConnectOptions::default(),
+            rtt_interval: None,
+            max_backlog_blocks: DEFAULT_MAX_BACKLOG_BLOCKS,
+        }
+    }
 }
 
 /// The driver's side of every upstream task.
@@ -80,6 +102,8 @@ pub(crate) struct Upstreams {
     events: mpsc::Sender<UpstreamEvent>,
     options: UpstreamOptions,
     tracker: TaskTracker,
+    /// Disconnects decided here (not by a task), for the driver to hand to the pool.
+    local_events: VecDeque<UpstreamEvent>,
 }
 
 /// One live task.
@@ -114,7 +138,14 @@ impl Upstreams {
             events,
             options,
             tracker,
+            local_events: VecDeque::new(),
         }
+    }
+
+    /// A disconnect decided here (a backlog overflowed) that the pool has not heard of yet.
+    /// The link is already forgotten, so the event needs no [`accept`](Self::accept).
+    pub(crate) fn poll_local_event(&mut self) -> Option<UpstreamEvent> {
+        self.local_events.pop_front()
     }
 
     /// Whether `event` comes from the task currently serving its server. A `Disconnected`
@@ -193,6 +224,18 @@ impl Upstreams {
         };
         link.backlog.push_back(block);
         link.flush();
+        if link.backlog.len() > self.options.max_backlog_blocks {
+            // The server sends but does not read: holding more would only grow memory.
+            tracing::warn!(%server, blocks = link.backlog.len(), "upstream not reading; dropping the connection");
+            if let Some(link) = self.links.remove(server) {
+                link.cancel.cancel();
+                self.local_events.push_back(UpstreamEvent {
+                    conn: link.conn,
+                    server: server.clone(),
+                    kind: UpstreamEventKind::Disconnected(BACKLOG_FULL.to_owned()),
+                });
+            }
+        }
     }
 
     /// Moves backlogged blocks into channels that have room again. Ready when some block
@@ -521,5 +564,57 @@ mod tests {
         };
         assert!(up.accept(&current));
         assert!(!up.accept(&current));
+    }
+
+    #[tokio::test]
+    async fn a_backlog_over_the_cap_drops_the_link_and_reports_it() {
+        let (events, _events_rx) = mpsc::channel(1);
+        let options = UpstreamOptions {
+            max_backlog_blocks: 3,
+            ..UpstreamOptions::default()
+        };
+        let mut up = Upstreams::new(events, TaskTracker::new(), options);
+        let key = server_key();
+        // A task that never takes anything: one block fits its channel.
+        let (tx, _rx) = mpsc::channel(1);
+        let cancel = CancellationToken::new();
+        up.links.insert(
+            key.clone(),
+            Link {
+                conn: 9,
+                tx: PollSender::new(tx),
+                backlog: VecDeque::new(),
+                cancel: cancel.clone(),
+            },
+        );
+        for i in 0..4u8 {
+            up.execute(Action::Transmit {
+                server: key.clone(),
+                block: vec![i],
+            });
+        }
+        // One in the channel, three waiting: at the cap, not over it.
+        assert!(up.has_backlog());
+        assert!(up.poll_local_event().is_none());
+        assert!(!cancel.is_cancelled());
+        up.execute(Action::Transmit {
+            server: key.clone(),
+            block: vec![4],
+        });
+        assert!(cancel.is_cancelled(), "the task is stopped");
+        assert!(!up.has_backlog(), "the backlog is freed");
+        let ev = up.poll_local_event().expect("a disconnect for the pool");
+        assert_eq!((ev.conn, &ev.server), (9, &key));
+        assert!(
+            matches!(&ev.kind, UpstreamEventKind::Disconnected(r) if r == BACKLOG_FULL),
+            "{ev:?}"
+        );
+        assert!(up.poll_local_event().is_none());
+        // Blocks for the dropped link go nowhere until the pool reconnects.
+        up.execute(Action::Transmit {
+            server: key.clone(),
+            block: vec![5],
+        });
+        assert!(!up.has_backlog());
     }
 }

@@ -3,10 +3,12 @@
 //! Everyone who talks to a client (its own session, the driver) goes through
 //! [`ClientHandle::send`], which never waits: a full queue is reported to the caller, who then
 //! disconnects the client as a slow consumer. So one client that stops reading cannot stall the
-//! driver or any other client, and what the daemon buffers per client is bounded by
-//! `client_buffer_frames` frames.
+//! driver or any other client, and what the daemon buffers per client is bounded twice: by
+//! `client_buffer_frames` frames and by [`CLIENT_BUFFER_BYTES`] bytes. The byte bound matters
+//! because a frame may be up to 1 MiB: 128 of them would be 128 MiB for a single client.
 
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,11 +27,18 @@ impl fmt::Display for ClientId {
     }
 }
 
+/// Bytes the daemon queues for one client before it counts as a slow consumer (with the
+/// frame count bound, whichever is reached first).
+pub(crate) const CLIENT_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+
 /// The sending side of a client connection. Cheap to clone.
 #[derive(Clone, Debug)]
 pub(crate) struct ClientHandle {
     id: ClientId,
     tx: mpsc::Sender<Bytes>,
+    /// Bytes queued and not yet taken by the writer (shared with [`WriterEnd`]).
+    queued: Arc<AtomicUsize>,
+    budget_bytes: usize,
     close: Arc<CloseSwitch>,
 }
 
@@ -48,17 +57,30 @@ impl ClientHandle {
     /// A handle and the end its writer task drains. The writer end holds no sender, so the
     /// queue closes once every handle is dropped.
     pub(crate) fn new(id: ClientId, buffer_frames: usize) -> (Self, WriterEnd) {
+        Self::with_byte_budget(id, buffer_frames, CLIENT_BUFFER_BYTES)
+    }
+
+    /// Like [`new`](Self::new) with a chosen byte bound (tests use small ones).
+    pub(crate) fn with_byte_budget(
+        id: ClientId,
+        buffer_frames: usize,
+        budget_bytes: usize,
+    ) -> (Self, WriterEnd) {
         let (tx, rx) = mpsc::channel(buffer_frames.max(1));
         let close = Arc::new(CloseSwitch::default());
+        let queued = Arc::new(AtomicUsize::new(0));
         (
             Self {
                 id,
                 tx,
+                queued: queued.clone(),
+                budget_bytes,
                 close: close.clone(),
             },
             WriterEnd {
                 id,
                 queue: rx,
+                queued,
                 close: close.token.clone(),
                 switch: close,
             },
@@ -76,10 +98,22 @@ impl ClientHandle {
     }
 
     /// Queues an already encoded frame (shared by every watcher of one broadcast).
+    ///
+    /// `Full` when either the frame count or the byte budget is used up. A single frame is
+    /// always taken into an empty queue, whatever its size (frames are at most 1 MiB anyway).
     pub(crate) fn send_frame(&self, frame: Bytes) -> Result<(), SendError> {
-        self.tx.try_send(frame).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => SendError::Full,
-            mpsc::error::TrySendError::Closed(_) => SendError::Closed,
+        let len = frame.len();
+        let before = self.queued.fetch_add(len, Ordering::AcqRel);
+        if before > 0 && before.saturating_add(len) > self.budget_bytes {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            return Err(SendError::Full);
+        }
+        self.tx.try_send(frame).map_err(|e| {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            match e {
+                mpsc::error::TrySendError::Full(_) => SendError::Full,
+                mpsc::error::TrySendError::Closed(_) => SendError::Closed,
+            }
         })
     }
 
@@ -114,7 +148,10 @@ impl ClientHandle {
 #[derive(Debug)]
 pub(crate) struct WriterEnd {
     pub(crate) id: ClientId,
+    /// The frames; the writer takes them through [`recv`](Self::recv) and
+    /// [`try_recv`](Self::try_recv), which keep the byte count right.
     pub(crate) queue: mpsc::Receiver<Bytes>,
+    queued: Arc<AtomicUsize>,
     /// Cancelled when the session is closed (a clone of the switch's token, so the writer can
     /// wait on it while borrowing `queue`).
     pub(crate) close: CancellationToken,
@@ -122,6 +159,20 @@ pub(crate) struct WriterEnd {
 }
 
 impl WriterEnd {
+    /// The next queued frame; `None` once every handle is gone and the queue is empty.
+    pub(crate) async fn recv(&mut self) -> Option<Bytes> {
+        let frame = self.queue.recv().await?;
+        self.queued.fetch_sub(frame.len(), Ordering::AcqRel);
+        Some(frame)
+    }
+
+    /// A queued frame if there is one, without waiting.
+    pub(crate) fn try_recv(&mut self) -> Option<Bytes> {
+        let frame = self.queue.try_recv().ok()?;
+        self.queued.fetch_sub(frame.len(), Ordering::AcqRel);
+        Some(frame)
+    }
+
     /// Closes the session from the writer's side (the socket failed); nothing more is sent.
     pub(crate) fn close_silently(&self) {
         if let Ok(mut slot) = self.switch.last.lock()
@@ -221,6 +272,27 @@ mod tests {
         assert_eq!(back, msg);
         drop(rx);
         assert_eq!(h.send(&msg), Err(SendError::Closed));
+    }
+
+    #[test]
+    fn byte_budget_is_reported_like_a_full_queue_and_freed_by_the_writer() {
+        let (h, mut w) = ClientHandle::with_byte_budget(ClientId(1), 64, 100);
+        let frame = Bytes::from(vec![b'x'; 60]);
+        // The first frame always fits; a second would exceed 100 bytes.
+        assert_eq!(h.send_frame(frame.clone()), Ok(()));
+        assert_eq!(h.send_frame(frame.clone()), Err(SendError::Full));
+        assert_eq!(h.send_frame(Bytes::from(vec![b'y'; 40])), Ok(()));
+        assert_eq!(
+            h.send_frame(Bytes::from(vec![b'z'; 1])),
+            Err(SendError::Full)
+        );
+        // Once the writer took the first, there is room again.
+        assert_eq!(w.try_recv().as_deref(), Some(&frame[..]));
+        assert_eq!(h.send_frame(frame.clone()), Ok(()));
+        assert_eq!(w.try_recv().map(|f| f.len()), Some(40));
+        assert_eq!(w.try_recv().map(|f| f.len()), Some(60));
+        assert!(w.try_recv().is_none());
+        assert_eq!(w.queued.load(Ordering::Acquire), 0);
     }
 
     #[test]

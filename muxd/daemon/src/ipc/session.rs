@@ -165,6 +165,9 @@ async fn handle_frame(
                     ),
                 ));
             }
+            if let Err(why) = check_app_name(&hello.app) {
+                return Err(Fatal::new(ErrorCode::InvalidArgument, why));
+            }
             let reply = ServerMessage::Hello(ServerHello {
                 proto_version: PROTO_VERSION,
                 daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -219,6 +222,30 @@ async fn handle_frame(
     }
 }
 
+/// Longest app name, in bytes.
+const MAX_APP_NAME: usize = 64;
+
+/// Checks a hello's `app`: 1 to 64 bytes of `[A-Za-z0-9._-]`. The name ends up in logs,
+/// status and the pool's per-app tables, so it must be short and printable; it is a routing
+/// label among one user's apps, not a security boundary (the peer uid check is).
+fn check_app_name(app: &str) -> Result<(), String> {
+    if app.is_empty() || app.len() > MAX_APP_NAME {
+        return Err(format!(
+            "app name must be 1 to {MAX_APP_NAME} bytes, got {}",
+            app.len()
+        ));
+    }
+    if let Some(c) = app
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "app name may only contain A-Z, a-z, 0-9, '.', '_' and '-'; found {c:?}"
+        ));
+    }
+    Ok(())
+}
+
 /// Hands a command to the driver, waiting for room; gives up if the daemon stops.
 async fn forward(ctx: &ReaderCtx, cmd: Command) -> bool {
     tokio::select! {
@@ -247,7 +274,7 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
             biased;
             () = abort.cancelled() => return,
             () = closed.cancelled() => break,
-            frame = end.queue.recv() => match frame {
+            frame = end.recv() => match frame {
                 Some(frame) => frame,
                 None => {
                     // Every handle is gone: the session ended normally and all is written.
@@ -288,7 +315,7 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
             writer.write_all(&frame[written..]).await?;
         }
         if flush_pending {
-            while let Ok(frame) = end.queue.try_recv() {
+            while let Some(frame) = end.try_recv() {
                 writer.write_all(&frame).await?;
             }
         }
@@ -323,4 +350,26 @@ async fn write_tracked<W: AsyncWrite + Unpin>(
         *written += n;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn app_names_are_short_printable_labels() {
+        for ok in ["chat", "a", "org.example.Chat-2_x", &"x".repeat(64)] {
+            assert_eq!(check_app_name(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            "has space",
+            "slash/",
+            "new\nline",
+            "ünï",
+            &"x".repeat(65),
+        ] {
+            assert!(check_app_name(bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -5,6 +5,7 @@
 
 mod alive;
 mod daemon;
+mod hostile;
 mod muxctl;
 mod python;
 mod smp;
