@@ -298,7 +298,7 @@ pub struct LagEvent {
     pub rtt_us: u64,
     /// Unix time of the sample, in milliseconds.
     pub at_unix_ms: u64,
-    /// The summary of the server's lag history, this sample included.
+    /// The summary of the server's recent samples from the same `source`, this one included.
     pub summary: LagSummary,
 }
 

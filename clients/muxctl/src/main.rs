@@ -69,7 +69,8 @@ enum QueueCommand {
     List,
     /// Delete one of this app's queues on its server
     Delete {
-        /// The queue id printed by `queue create`
+        /// The queue id printed by `queue create` (it may begin with `-`)
+        #[arg(allow_hyphen_values = true)]
         queue_id: String,
     },
 }
@@ -107,8 +108,12 @@ enum Command {
     Send {
         /// The recipient's queue URI (smp://…/<senderId>#/?v=…&dh=…)
         queue_uri: String,
-        /// The message text (or use --file)
-        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        /// The message text (or use --file); it may begin with `-`
+        #[arg(
+            required_unless_present = "file",
+            conflicts_with = "file",
+            allow_hyphen_values = true
+        )]
         text: Option<String>,
         /// Send the contents of this file instead of TEXT
         #[arg(long, value_name = "FILE")]
@@ -116,7 +121,8 @@ enum Command {
     },
     /// Print messages received on one of this app's queues, acknowledging each once printed
     Recv {
-        /// The queue id printed by `queue create`
+        /// The queue id printed by `queue create` (it may begin with `-`)
+        #[arg(allow_hyphen_values = true)]
         queue_id: String,
         /// Keep waiting for new messages until interrupted
         #[arg(short = 'f', long)]
@@ -925,6 +931,27 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ids_and_text_may_begin_with_a_hyphen() {
+        // Queue ids are base64url and begin with '-' one time in 64.
+        let cli = Cli::try_parse_from(["muxctl", "recv", "-i4Lx9", "--count", "2"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Recv { ref queue_id, count: Some(2), .. } if queue_id == "-i4Lx9"
+        ));
+        let cli = Cli::try_parse_from(["muxctl", "queue", "delete", "-abc"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Queue(QueueCommand::Delete { ref queue_id }) if queue_id == "-abc"
+        ));
+        let cli =
+            Cli::try_parse_from(["muxctl", "send", "smp://k@h/s#/?v=2-4", "-1 degrees"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Send { text: Some(ref t), .. } if t == "-1 degrees"
+        ));
+    }
+
     use super::*;
 
     #[test]
