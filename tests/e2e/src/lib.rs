@@ -15,9 +15,10 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use muxd_ipc_proto::{
-    ClientHello, ClientMessage, ErrorCode, FrameDecoder, Op, PROTO_VERSION, Request, ServerHello,
-    ServerMessage, encode_frame,
+    ClientHello, ClientMessage, ErrorCode, FrameDecoder, Op, PROTO_VERSION, Reply, Request,
+    Response, ServerHello, ServerMessage, encode_frame,
 };
 use tempfile::TempDir;
 
@@ -699,6 +700,46 @@ impl RawClient {
                 Err(e) => panic!("no answer to request {id}: {e:?}"),
             }
         }
+    }
+
+    /// One `recv` on `queue_id` (waiting up to `wait_ms` for a message), then an `ack` for
+    /// each message received, pipelined and all answered before returning; the bodies as
+    /// UTF-8, oldest first. Because every ack is answered before the next call, a later call
+    /// sees a message again only if the daemon delivered it twice. `who` names the app in
+    /// panic messages.
+    pub fn recv_and_ack(&mut self, who: &str, queue_id: &str, wait_ms: u64) -> Vec<String> {
+        let messages = match self.request(Op::Recv {
+            queue_id: queue_id.to_owned(),
+            max: None,
+            wait_ms: Some(wait_ms),
+        }) {
+            ServerMessage::Response(Response {
+                reply: Reply::Messages { messages },
+                ..
+            }) => messages,
+            other => panic!("{who}: recv failed: {other:?}"),
+        };
+        let mut bodies = Vec::with_capacity(messages.len());
+        for m in &messages {
+            let body = base64::engine::general_purpose::STANDARD
+                .decode(&m.body_b64)
+                .unwrap();
+            bodies.push(String::from_utf8(body).unwrap());
+            self.send_request(Op::Ack {
+                queue_id: m.queue_id.clone(),
+                msg_id: m.msg_id.clone(),
+            })
+            .unwrap();
+        }
+        for _ in &messages {
+            match self.recv() {
+                Ok(ServerMessage::Response(Response {
+                    reply: Reply::Done, ..
+                })) => {}
+                other => panic!("{who}: ack failed: {other:?}"),
+            }
+        }
+        bodies
     }
 
     /// The next message, waiting at most [`PATIENCE`].

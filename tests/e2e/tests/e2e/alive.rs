@@ -108,37 +108,7 @@ fn recv_until(
             got.len(),
             total.load(Ordering::Acquire)
         );
-        let messages = match client.request(Op::Recv {
-            queue_id: queue_id.to_owned(),
-            max: None,
-            wait_ms: Some(500),
-        }) {
-            ServerMessage::Response(Response {
-                reply: Reply::Messages { messages },
-                ..
-            }) => messages,
-            other => panic!("{app}: recv failed: {other:?}"),
-        };
-        for m in &messages {
-            let body = base64::engine::general_purpose::STANDARD
-                .decode(&m.body_b64)
-                .unwrap();
-            got.push(String::from_utf8(body).unwrap());
-            client
-                .send_request(Op::Ack {
-                    queue_id: m.queue_id.clone(),
-                    msg_id: m.msg_id.clone(),
-                })
-                .unwrap();
-        }
-        for _ in &messages {
-            match client.recv() {
-                Ok(ServerMessage::Response(Response {
-                    reply: Reply::Done, ..
-                })) => {}
-                other => panic!("{app}: ack failed: {other:?}"),
-            }
-        }
+        got.extend(client.recv_and_ack(app, queue_id, 500));
         received.store(got.len(), Ordering::Release);
     }
     got

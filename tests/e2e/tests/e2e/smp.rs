@@ -157,39 +157,7 @@ fn recv_all(
             "{app}: only {} of {n} messages arrived",
             got.len()
         );
-        let messages = match client.request(Op::Recv {
-            queue_id: queue_id.to_owned(),
-            max: None,
-            wait_ms: Some(2_000),
-        }) {
-            ServerMessage::Response(Response {
-                reply: Reply::Messages { messages },
-                ..
-            }) => messages,
-            other => panic!("{app}: recv failed: {other:?}"),
-        };
-        // Acks are pipelined, and all answered before the next recv, which therefore never
-        // sees a message twice unless the daemon delivered it twice.
-        for m in &messages {
-            let body = base64::engine::general_purpose::STANDARD
-                .decode(&m.body_b64)
-                .unwrap();
-            got.push(String::from_utf8(body).unwrap());
-            client
-                .send_request(Op::Ack {
-                    queue_id: m.queue_id.clone(),
-                    msg_id: m.msg_id.clone(),
-                })
-                .unwrap();
-        }
-        for _ in &messages {
-            match client.recv() {
-                Ok(ServerMessage::Response(Response {
-                    reply: Reply::Done, ..
-                })) => {}
-                other => panic!("{app}: ack failed: {other:?}"),
-            }
-        }
+        got.extend(client.recv_and_ack(app, queue_id, 2_000));
         received.store(got.len(), Ordering::Release);
     }
     got
