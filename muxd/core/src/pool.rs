@@ -781,18 +781,12 @@ impl<M: Mailbox> Pool<M> {
             Transport::Tls
         };
         let key = self.server_entry(now, &address, transport)?;
-        self.check_not_lost(&key)?;
-        self.check_capacity(&key, app, Budget::Request)?;
-        self.charge(token, &key, app, Budget::Request)?;
-        if let Some(s) = self.servers.get_mut(&key) {
-            s.deferred.push_back(Deferred::Create {
-                app: app.to_owned(),
-                token,
-                basic_auth,
-            });
-        }
-        self.connect_or_run(now, rng, &key);
-        Ok(())
+        let create = Deferred::Create {
+            app: app.to_owned(),
+            token,
+            basic_auth,
+        };
+        self.defer(now, rng, &key, app, token, create)
     }
 
     fn delete_queue<R: RngCore + CryptoRng>(
@@ -811,17 +805,32 @@ impl<M: Mailbox> Pool<M> {
             return Ok(());
         }
         let key = q.server.clone();
-        self.check_not_lost(&key)?;
-        self.check_capacity(&key, app, Budget::Request)?;
-        self.charge(token, &key, app, Budget::Request)?;
-        if let Some(s) = self.servers.get_mut(&key) {
-            s.deferred.push_back(Deferred::Delete {
-                app: app.to_owned(),
-                token,
-                queue_id,
-            });
+        let delete = Deferred::Delete {
+            app: app.to_owned(),
+            token,
+            queue_id,
+        };
+        self.defer(now, rng, &key, app, token, delete)
+    }
+
+    /// Queues a create or delete for `key` once it is admitted (server not lost, the app's
+    /// request budget there not spent), and connects or runs it.
+    fn defer<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+        key: &ServerKey,
+        app: &str,
+        token: RequestToken,
+        deferred: Deferred,
+    ) -> Result<(), PoolError> {
+        self.check_not_lost(key)?;
+        self.check_capacity(key, app, Budget::Request)?;
+        self.charge(token, key, app, Budget::Request)?;
+        if let Some(s) = self.servers.get_mut(key) {
+            s.deferred.push_back(deferred);
         }
-        self.connect_or_run(now, rng, &key);
+        self.connect_or_run(now, rng, key);
         Ok(())
     }
 
