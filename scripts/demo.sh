@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The muxd demo: builds the binaries, starts a dev SMP relay and a daemon on a private socket,
 # lets two apps (alice and bob) create queues and exchange messages through them with muxctl,
-# shows the status with the upstream connection, and stops everything. Everything stays on
-# this machine (127.0.0.1 and a temp directory).
+# shows the status with the upstream connection, writes a sealed backup of the store, and stops
+# everything. Everything stays on this machine (127.0.0.1 and a temp directory, which also
+# holds the daemon's store and key file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,7 @@ bin=target/debug
 
 work=$(mktemp -d)
 sock="$work/muxd.sock"
+state="$work/state"
 daemon_pid=""
 relay_pid=""
 stop() {
@@ -41,8 +43,12 @@ done
 [[ "$server" == smp://* ]] || { echo "smp-devrelay printed no address" >&2; exit 1; }
 echo "relay: $server"
 
+echo "== muxd init (the store and its key file, in a temp data dir)"
+XDG_CONFIG_HOME="$work/config" "$bin/muxd" init --data-dir "$state"
+echo
+
 echo "== starting muxd on $sock"
-XDG_CONFIG_HOME="$work/config" "$bin/muxd" run --socket "$sock" --log-level warn &
+XDG_CONFIG_HOME="$work/config" "$bin/muxd" run --data-dir "$state" --socket "$sock" --log-level warn &
 daemon_pid=$!
 for _ in $(seq 100); do
     [[ -S "$sock" ]] && break
@@ -74,19 +80,28 @@ echo "bob:   $bob_id"
 echo
 
 echo "== they exchange messages (each sends to the other's queue URI)"
-bob send "$alice_uri" "hi alice, this is bob"
+# `send` answers as soon as the message is durably stored ("queued <id>"); --wait answers
+# once the server has accepted it ("sent <id>").
+first=$(bob send "$alice_uri" "hi alice, this is bob")
+echo "$first"
+first_id=${first#* }
 bob send "$alice_uri" "are you there?"
-alice send "$bob_uri" "hi bob! yes, through muxd"
+alice send --wait "$bob_uri" "hi bob! yes, through muxd"
 echo
 
 echo "== alice: muxctl recv --count 2"
 alice recv "$alice_id" --count 2 --timeout 10
 echo "== bob: muxctl recv --count 1"
 bob recv "$bob_id" --count 1 --timeout 10
+echo "== bob: muxctl message status $first_id (bob's first message, now delivered)"
+bob message status "$first_id"
 echo
 
 echo "== muxctl status (one upstream connection carries both apps' queues)"
 "$bin/muxctl" --socket "$sock" status
+echo
+echo "== muxctl export (a sealed backup; muxd restore --from brings it back)"
+"$bin/muxctl" --socket "$sock" export "$work/backup.muxd"
 echo
 echo "== muxctl shutdown"
 "$bin/muxctl" --socket "$sock" shutdown

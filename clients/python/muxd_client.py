@@ -8,10 +8,16 @@ nothing but a Unix socket and a JSON parser.
         for event in c.events():  # ends when the daemon closes the connection
             print(event)
 
-CLI: python3 muxd_client.py [--socket PATH] status|ping [-c N]
+    with MuxdClient.connect(default_socket_path(), app="bob") as c:
+        message_id, state = c.send(queue_uri, b"hello")   # state "queued": stored durably
+        print(c.message_status(message_id))               # {"state": "sent", ...} later
+
+CLI: python3 muxd_client.py [--socket PATH] status|ping [-c N]|send URI TEXT [--wait]|
+     message-status ID|export FILE
 """
 
 import argparse
+import base64
 import collections
 import json
 import os
@@ -99,6 +105,40 @@ class MuxdClient:
                 return msg
             # Anything else answers an id nobody waits for; skip it.
 
+    def send(self, queue_uri, body, wait=False):
+        """Sends `body` (bytes or str) to a queue URI; returns (message_id, state).
+
+        By default the daemon answers as soon as the message is durably stored, with state
+        "queued"; it goes out whenever the server is reachable. With wait=True the answer
+        comes once the server accepted it, with state "sent".
+        """
+        if isinstance(body, str):
+            body = body.encode()
+        args = {"queue_uri": queue_uri, "body_b64": base64.b64encode(body).decode("ascii")}
+        if wait:
+            args["wait"] = True
+        resp = self._expect(self.request("send", **args), "sent")
+        return resp["message_id"], resp["state"]
+
+    def message_status(self, message_id):
+        """Where a sent message is: a dict with "state" (queued, sending, sent or failed) and,
+        when there is one, "error"."""
+        resp = self._expect(self.request("message_status", message_id=message_id), "message_status")
+        return {k: v for k, v in resp.items() if k in ("message_id", "state", "error")}
+
+    def export(self, path):
+        """Asks the daemon to write a sealed backup of its store to `path` (a new file; made
+        absolute here, since the daemon resolves paths against its own directory). Returns
+        the path the daemon wrote."""
+        resp = self._expect(self.request("export", path=os.path.abspath(path)), "exported")
+        return resp["path"]
+
+    @staticmethod
+    def _expect(resp, reply):
+        if resp.get("reply") != reply:
+            raise ProtocolError(f"expected a {reply} reply, got {resp!r}")
+        return resp
+
     def events(self):
         """Yields events (queued first) until the daemon closes the connection."""
         while True:
@@ -154,10 +194,26 @@ def main(argv=None):
     sub.add_parser("status", help="print the daemon's status as JSON")
     ping = sub.add_parser("ping", help="measure IPC round trips")
     ping.add_argument("-c", "--count", type=int, default=1)
+    send = sub.add_parser("send", help="send a message; prints 'queued <id>' or 'sent <id>'")
+    send.add_argument("queue_uri")
+    send.add_argument("text")
+    send.add_argument("--wait", action="store_true", help="wait for the server to accept it")
+    status = sub.add_parser("message-status", help="print where a sent message is, as JSON")
+    status.add_argument("message_id")
+    export = sub.add_parser("export", help="write a sealed backup of the daemon's store")
+    export.add_argument("file")
+    parser.add_argument("--app", default=os.environ.get("MUXD_APP") or "muxd_client.py")
     args = parser.parse_args(argv)
     try:
-        with MuxdClient.connect(args.socket, app="muxd_client.py") as c:
-            if args.command == "status":
+        with MuxdClient.connect(args.socket, app=args.app) as c:
+            if args.command == "send":
+                message_id, state = c.send(args.queue_uri, args.text, wait=args.wait)
+                print(f"{state} {message_id}")
+            elif args.command == "message-status":
+                print(json.dumps(c.message_status(args.message_id), sort_keys=True))
+            elif args.command == "export":
+                print(f"exported the store to {c.export(args.file)}")
+            elif args.command == "status":
                 resp = c.request("status")
                 report = {k: v for k, v in resp.items() if k not in ("type", "id", "reply")}
                 print(json.dumps(report, sort_keys=True))

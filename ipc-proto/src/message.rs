@@ -77,6 +77,23 @@ pub enum Op {
         queue_uri: String,
         /// The message, base64 (RFC 4648 standard alphabet, padded).
         body_b64: String,
+        /// Answer `sent` only once the server accepted the message. By default the answer
+        /// is `queued` as soon as the message is durably stored: it goes out (in order)
+        /// whenever the server is reachable, and its outcome arrives as a `message` event.
+        #[serde(default, skip_serializing_if = "is_false")]
+        wait: bool,
+    },
+    /// Where one of this app's messages is: `queued`, `sending`, `sent` or `failed`.
+    MessageStatus {
+        /// The `message_id` that `send` returned.
+        message_id: String,
+    },
+    /// Write a sealed backup of the daemon's store to `path` (a new file, mode 0600),
+    /// protected like the store (key file or passphrase). See `docs/store.md`.
+    Export {
+        /// Where to write it; must not exist. Relative paths are relative to the daemon's
+        /// working directory, so clients send absolute paths.
+        path: String,
     },
     /// Messages received on one of this app's queues and not yet acknowledged by the app,
     /// oldest first.
@@ -186,6 +203,21 @@ pub enum Reply {
         /// be reached).
         state: String,
     },
+    /// Answer to `message_status`.
+    MessageStatus {
+        /// The message.
+        message_id: String,
+        /// `"queued"`, `"sending"`, `"sent"` or `"failed"`.
+        state: String,
+        /// Why it failed, or the last retry's reason.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// Answer to `export`: the backup is written and synced.
+    Exported {
+        /// Where.
+        path: String,
+    },
     /// Answer to `recv`.
     Messages {
         /// The messages, oldest first.
@@ -285,6 +317,27 @@ pub enum Event {
     Upstream(UpstreamStatus),
     /// A round-trip sample for a server under `lag`.
     Lag(LagEvent),
+    /// One of this app's messages was sent or failed (after `watch`; sent to every
+    /// watching connection of the app).
+    Message(MessageEvent),
+}
+
+/// What became of a message `send` answered with `queued`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageEvent {
+    /// The `message_id` that `send` returned.
+    pub message_id: String,
+    /// `"sent"` or `"failed"`.
+    pub state: String,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// For `skip_serializing_if` of flags that default to `false`.
+#[allow(clippy::trivially_copy_pass_by_ref)]
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// One lag sample and the server's lag summary after it.

@@ -31,8 +31,8 @@ fn hexdumps_in_docs_are_real_frames() {
     let blocks = doc_blocks();
     assert_eq!(
         blocks.len(),
-        4,
-        "docs/ipc.md should hold four hexdump examples"
+        6,
+        "docs/ipc.md should hold six hexdump examples"
     );
     let mut kinds = Vec::new();
     for bytes in blocks {
@@ -54,4 +54,7 @@ fn hexdumps_in_docs_are_real_frames() {
     assert!(kinds[1].starts_with("server Hello"), "{kinds:?}");
     assert!(kinds[2].starts_with("client Request"), "{kinds:?}");
     assert!(kinds[3].starts_with("server Response"), "{kinds:?}");
+    assert!(kinds[4].starts_with("server Response"), "{kinds:?}");
+    assert!(kinds[4].contains("state: \"queued\""), "{kinds:?}");
+    assert!(kinds[5].starts_with("server Event(Message"), "{kinds:?}");
 }

@@ -20,10 +20,13 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(server, websocket)| Op::QueueCreate { server, websocket }),
         Just(Op::QueueList),
         text().prop_map(|queue_id| Op::QueueDelete { queue_id }),
-        (text(), text()).prop_map(|(queue_uri, body_b64)| Op::Send {
+        (text(), text(), any::<bool>()).prop_map(|(queue_uri, body_b64, wait)| Op::Send {
             queue_uri,
-            body_b64
+            body_b64,
+            wait
         }),
+        text().prop_map(|message_id| Op::MessageStatus { message_id }),
+        text().prop_map(|path| Op::Export { path }),
         (text(), option::of(any::<u32>()), option::of(any::<u64>())).prop_map(
             |(queue_id, max, wait_ms)| Op::Recv {
                 queue_id,
@@ -176,6 +179,14 @@ fn reply() -> impl Strategy<Value = Reply> {
         Just(Reply::Done),
         (text(), text()).prop_map(|(message_id, state)| Reply::Sent { message_id, state }),
         vec(received(), 0..3).prop_map(|messages| Reply::Messages { messages }),
+        (text(), text(), option::of(text())).prop_map(|(message_id, state, error)| {
+            Reply::MessageStatus {
+                message_id,
+                state,
+                error,
+            }
+        }),
+        text().prop_map(|path| Reply::Exported { path }),
     ]
 }
 
@@ -207,6 +218,13 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
                 }))
             }
         ),
+        (text(), text(), option::of(text())).prop_map(|(message_id, state, error)| {
+            ServerMessage::Event(Event::Message(MessageEvent {
+                message_id,
+                state,
+                error,
+            }))
+        }),
     ]
 }
 

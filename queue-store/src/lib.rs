@@ -7,6 +7,11 @@
 //! single commit; [`GroupCommitter`] does the same for callers on many threads sharing an
 //! `Arc<Store>`. `Store` is `Send + Sync`; redb serialises write transactions internally.
 //!
+//! The daemon's driver instead stages every durable change of one loop turn into a [`Batch`]
+//! and calls [`Store::commit`] once before any effect others can see: one fsync for all of
+//! them. At start it rebuilds its state from [`Store::unfinished`], [`Store::all_pending`],
+//! [`Store::records`] and [`Store::states`], and continues ids at [`Store::next_outbound_id`].
+//!
 //! Leases are not expiry-aware: call [`Store::expire`] before leasing (and periodically) so that
 //! expired messages fail instead of being sent.
 //!
@@ -26,6 +31,7 @@
 //! clock (every call that needs time takes `now` as unix milliseconds), and decides no retry
 //! policy (the pool passes the `not_before` of each retry in).
 
+mod batch;
 mod codec;
 mod error;
 mod export;
@@ -36,6 +42,7 @@ mod outbound;
 mod records;
 mod schema;
 mod seal;
+mod state;
 
 use std::fmt;
 use std::fs;
@@ -51,12 +58,13 @@ use tracing::{info, warn};
 use crate::error::{DbResultExt, io_err};
 use crate::seal::DataKey;
 
+pub use crate::batch::Batch;
 pub use crate::error::{DatabaseError, StoreError};
 pub use crate::group_commit::GroupCommitter;
 pub use crate::mailbox::{Delivered, InboundMessage};
 pub use crate::outbound::{
     DEFAULT_EXPIRY_MS, Expired, Leased, MessageState, MessageStatus, NewOutbound, OutboundId,
-    QueueSummary,
+    QueueSummary, Unfinished,
 };
 pub use crate::records::QueueRecord;
 pub use crate::schema::SCHEMA_VERSION;

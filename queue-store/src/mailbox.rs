@@ -77,49 +77,61 @@ impl Store {
         body: &[u8],
         now: u64,
     ) -> Result<Delivered, StoreError> {
+        self.write(|txn| self.deliver_in(txn, app, queue, msg_id, body, now))
+    }
+
+    /// [`Self::deliver`] inside an open transaction (shared with [`crate::Batch`]); it sees
+    /// deliveries made earlier in the same transaction.
+    pub(crate) fn deliver_in(
+        &self,
+        txn: &WriteTransaction,
+        app: &str,
+        queue: &QueueRef,
+        msg_id: &[u8],
+        body: &[u8],
+        now: u64,
+    ) -> Result<Delivered, StoreError> {
         let akey = app_key(app)?;
         let qkey = queue_key(queue)?;
         let seen_key = [qkey.as_slice(), msg_id].concat();
-        self.write(|txn| {
-            let mut seen = txn.open_table(MBX_SEEN).db()?;
-            if seen.get(seen_key.as_slice()).db()?.is_some() {
-                return Ok(Delivered::Duplicate);
-            }
-            let mut meta = txn.open_table(META).db()?;
-            let seq = schema::read_counter(&meta, NEXT_MAILBOX_SEQ_KEY)?.max(1);
-            meta.insert(NEXT_MAILBOX_SEQ_KEY, (seq + 1).to_be_bytes().as_slice())
-                .db()?;
-            let value = Writer::new()
-                .u8(RECORD_VERSION)
-                .u64(now)
-                .bytes(msg_id)?
-                .bytes(&self.key.seal(&body_aad(seq), body)?)?
-                .finish();
-            txn.open_table(MBX_MSGS)
-                .db()?
-                .insert(msg_key(&akey, &qkey, seq).as_slice(), value.as_slice())
-                .db()?;
-            let seen_value = Writer::new().u64(seq).bytes(app.as_bytes())?.finish();
-            seen.insert(seen_key.as_slice(), seen_value.as_slice())
-                .db()?;
-            drop(seen);
-            let order_key = [qkey.as_slice(), &seq.to_be_bytes()].concat();
-            txn.open_table(MBX_ORDER)
-                .db()?
-                .insert(order_key.as_slice(), msg_id)
-                .db()?;
-            let mut count = txn.open_table(MBX_COUNT).db()?;
-            let n = match count.get(qkey.as_slice()).db()? {
-                Some(v) => trailing_u64(v.value(), "mailbox dedup count")?,
-                None => 0,
-            };
-            count
-                .insert(qkey.as_slice(), (n + 1).to_be_bytes().as_slice())
-                .db()?;
-            drop(count);
-            self.prune_seen(txn, &qkey)?;
-            Ok(Delivered::New { seq })
-        })
+        let mut seen = txn.open_table(MBX_SEEN).db()?;
+        if seen.get(seen_key.as_slice()).db()?.is_some() {
+            return Ok(Delivered::Duplicate);
+        }
+        let mut meta = txn.open_table(META).db()?;
+        let seq = schema::read_counter(&meta, NEXT_MAILBOX_SEQ_KEY)?.max(1);
+        meta.insert(NEXT_MAILBOX_SEQ_KEY, (seq + 1).to_be_bytes().as_slice())
+            .db()?;
+        let value = Writer::new()
+            .u8(RECORD_VERSION)
+            .u64(now)
+            .bytes(msg_id)?
+            .bytes(&self.key.seal(&body_aad(seq), body)?)?
+            .finish();
+        txn.open_table(MBX_MSGS)
+            .db()?
+            .insert(msg_key(&akey, &qkey, seq).as_slice(), value.as_slice())
+            .db()?;
+        let seen_value = Writer::new().u64(seq).bytes(app.as_bytes())?.finish();
+        seen.insert(seen_key.as_slice(), seen_value.as_slice())
+            .db()?;
+        drop(seen);
+        let order_key = [qkey.as_slice(), &seq.to_be_bytes()].concat();
+        txn.open_table(MBX_ORDER)
+            .db()?
+            .insert(order_key.as_slice(), msg_id)
+            .db()?;
+        let mut count = txn.open_table(MBX_COUNT).db()?;
+        let n = match count.get(qkey.as_slice()).db()? {
+            Some(v) => trailing_u64(v.value(), "mailbox dedup count")?,
+            None => 0,
+        };
+        count
+            .insert(qkey.as_slice(), (n + 1).to_be_bytes().as_slice())
+            .db()?;
+        drop(count);
+        self.prune_seen(txn, &qkey)?;
+        Ok(Delivered::New { seq })
     }
 
     /// Messages waiting for `app`'s acknowledgement, oldest first within each queue; all of the
@@ -145,62 +157,96 @@ impl Store {
             if !k.value().starts_with(&prefix) {
                 break;
             }
-            let (_, rest) = split_app_key(k.value(), "mailbox key")?;
-            let (queue, rest) = split_queue_key(rest, "mailbox key")?;
-            let seq = trailing_u64(rest, "mailbox key")?;
-            let mut r = Reader::new(v.value(), "mailbox message");
-            if r.u8()? != RECORD_VERSION {
-                return Err(r.corrupt("unknown record version"));
-            }
-            let received_at = r.u64()?;
-            let msg_id = r.bytes()?.to_vec();
-            let sealed = r.bytes()?;
-            r.finish()?;
-            let body = self
-                .key
-                .open_record(&body_aad(seq), sealed, "mailbox body")?;
-            out.push(InboundMessage {
-                queue,
-                msg_id,
-                body: body.to_vec(),
-                received_at,
-                seq,
-            });
+            out.push(self.decode_message(k.value(), v.value())?.1);
         }
         Ok(out)
+    }
+
+    /// Every message waiting for any app, as `(app, message)`, in arrival order: what the
+    /// pool reloads at start.
+    pub fn all_pending(&self) -> Result<Vec<(String, InboundMessage)>, StoreError> {
+        let txn = self.read()?;
+        let msgs = txn.open_table(MBX_MSGS).db()?;
+        let mut out = Vec::new();
+        for entry in msgs.iter().db()? {
+            let (k, v) = entry.db()?;
+            out.push(self.decode_message(k.value(), v.value())?);
+        }
+        // Keys sort by app and queue first; seq is the store-wide arrival number.
+        out.sort_by_key(|(_, m)| m.seq);
+        Ok(out)
+    }
+
+    /// Decodes one mailbox row into its app and message, unsealing the body.
+    fn decode_message(
+        &self,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<(String, InboundMessage), StoreError> {
+        let (app, rest) = split_app_key(key, "mailbox key")?;
+        let (queue, rest) = split_queue_key(rest, "mailbox key")?;
+        let seq = trailing_u64(rest, "mailbox key")?;
+        let mut r = Reader::new(value, "mailbox message");
+        if r.u8()? != RECORD_VERSION {
+            return Err(r.corrupt("unknown record version"));
+        }
+        let received_at = r.u64()?;
+        let msg_id = r.bytes()?.to_vec();
+        let sealed = r.bytes()?;
+        r.finish()?;
+        let body = self
+            .key
+            .open_record(&body_aad(seq), sealed, "mailbox body")?;
+        let msg = InboundMessage {
+            queue,
+            msg_id,
+            body: body.to_vec(),
+            received_at,
+            seq,
+        };
+        Ok((app, msg))
     }
 
     /// Records that `app` has taken message `msg_id` of `queue`: its body is deleted, its id
     /// stays in the dedup set. Returns `false` if no such message was waiting for this app.
     pub fn ack(&self, app: &str, queue: &QueueRef, msg_id: &[u8]) -> Result<bool, StoreError> {
+        self.write(|txn| self.ack_in(txn, app, queue, msg_id))
+    }
+
+    /// [`Self::ack`] inside an open transaction (shared with [`crate::Batch`]).
+    pub(crate) fn ack_in(
+        &self,
+        txn: &WriteTransaction,
+        app: &str,
+        queue: &QueueRef,
+        msg_id: &[u8],
+    ) -> Result<bool, StoreError> {
         let akey = app_key(app)?;
         let qkey = queue_key(queue)?;
         let seen_key = [qkey.as_slice(), msg_id].concat();
-        self.write(|txn| {
-            let found = {
-                let seen = txn.open_table(MBX_SEEN).db()?;
-                let found = seen.get(seen_key.as_slice()).db()?;
-                match found {
-                    Some(v) => Some(decode_seen(v.value())?),
-                    None => None,
-                }
-            };
-            let Some((seq, owner)) = found else {
-                return Ok(false);
-            };
-            if owner != app {
-                return Ok(false);
+        let found = {
+            let seen = txn.open_table(MBX_SEEN).db()?;
+            let found = seen.get(seen_key.as_slice()).db()?;
+            match found {
+                Some(v) => Some(decode_seen(v.value())?),
+                None => None,
             }
-            let removed = txn
-                .open_table(MBX_MSGS)
-                .db()?
-                .remove(msg_key(&akey, &qkey, seq).as_slice())
-                .db()?
-                .is_some();
-            // Acked entries may now be prunable if pending ones had held the set over its bound.
-            self.prune_seen(txn, &qkey)?;
-            Ok(removed)
-        })
+        };
+        let Some((seq, owner)) = found else {
+            return Ok(false);
+        };
+        if owner != app {
+            return Ok(false);
+        }
+        let removed = txn
+            .open_table(MBX_MSGS)
+            .db()?
+            .remove(msg_key(&akey, &qkey, seq).as_slice())
+            .db()?
+            .is_some();
+        // Acked entries may now be prunable if pending ones had held the set over its bound.
+        self.prune_seen(txn, &qkey)?;
+        Ok(removed)
     }
 
     /// Drops the oldest acknowledged dedup entries of one queue beyond the window.
@@ -255,4 +301,33 @@ impl Store {
         count.insert(qkey, n.to_be_bytes().as_slice()).db()?;
         Ok(())
     }
+}
+
+/// Forgets the inbound side of a deleted queue inside an open transaction (for
+/// [`crate::Batch::forget_inbound`]): its waiting messages, whichever app they were for, and
+/// every dedup entry. A queue that is gone cannot be redelivered from, so nothing is lost.
+pub(crate) fn forget_inbound_in(
+    txn: &WriteTransaction,
+    queue: &QueueRef,
+) -> Result<(), StoreError> {
+    let qkey = queue_key(queue)?;
+    let mut seen = txn.open_table(MBX_SEEN).db()?;
+    let mut msgs = txn.open_table(MBX_MSGS).db()?;
+    // The dedup set names every message of the queue, pending or not, with its owner and seq;
+    // queue keys are self-delimiting, so the prefix matches this queue only.
+    for (seen_key, value) in schema::scan_prefix(&seen, &qkey)? {
+        let (seq, owner) = decode_seen(&value)?;
+        seen.remove(seen_key.as_slice()).db()?;
+        msgs.remove(msg_key(&app_key(&owner)?, &qkey, seq).as_slice())
+            .db()?;
+    }
+    let mut order = txn.open_table(MBX_ORDER).db()?;
+    for (order_key, _) in schema::scan_prefix(&order, &qkey)? {
+        order.remove(order_key.as_slice()).db()?;
+    }
+    txn.open_table(MBX_COUNT)
+        .db()?
+        .remove(qkey.as_slice())
+        .db()?;
+    Ok(())
 }

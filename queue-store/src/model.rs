@@ -9,14 +9,15 @@ use std::collections::BTreeMap;
 
 use crate::outbound::{
     DEFAULT_EXPIRY_MS, Expired, Leased, MessageState, MessageStatus, NewOutbound, OutboundId,
-    QueueSummary,
+    QueueSummary, Unfinished,
 };
 use crate::{QueueRef, StoreError};
 
 /// The in-memory outbound queue.
 #[derive(Debug, Default, Clone)]
 pub struct MemOutbound {
-    next_id: u64,
+    /// The highest id handed out so far (0: none).
+    last_id: u64,
     msgs: BTreeMap<OutboundId, Msg>,
     holds: BTreeMap<QueueRef, u64>,
 }
@@ -48,8 +49,35 @@ impl MemOutbound {
 
     /// See [`crate::Store::enqueue`].
     pub fn enqueue(&mut self, msg: &NewOutbound, now: u64) -> OutboundId {
-        self.next_id += 1;
-        let id = OutboundId(self.next_id);
+        let id = OutboundId(self.last_id + 1);
+        self.insert(id, msg, now);
+        id
+    }
+
+    /// See [`crate::Batch::enqueue`]: an id below [`Self::next_outbound_id`] is refused.
+    pub fn enqueue_with_id(
+        &mut self,
+        id: OutboundId,
+        msg: &NewOutbound,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        if id.0 <= self.last_id {
+            return Err(StoreError::InvalidInput("outbound id already used"));
+        }
+        if id.0 == u64::MAX {
+            return Err(StoreError::InvalidInput("outbound id out of range"));
+        }
+        self.insert(id, msg, now);
+        Ok(())
+    }
+
+    /// See [`crate::Store::next_outbound_id`].
+    pub fn next_outbound_id(&self) -> OutboundId {
+        OutboundId(self.last_id + 1)
+    }
+
+    fn insert(&mut self, id: OutboundId, msg: &NewOutbound, now: u64) {
+        self.last_id = id.0;
         self.msgs.insert(
             id,
             Msg {
@@ -64,7 +92,6 @@ impl MemOutbound {
                 last_error: None,
             },
         );
-        id
     }
 
     /// See [`crate::Store::lease`].
@@ -157,6 +184,43 @@ impl MemOutbound {
         Ok(())
     }
 
+    /// See [`crate::Batch::set_state`]: unknown ids and finished messages are left alone.
+    pub fn set_state(
+        &mut self,
+        id: OutboundId,
+        state: MessageState,
+        reason: Option<&str>,
+        now: u64,
+    ) {
+        let Some(msg) = self.msgs.get_mut(&id).filter(|m| m.pending()) else {
+            return;
+        };
+        let reason = reason.map(|r| (!r.is_empty()).then(|| r.to_owned()));
+        match state {
+            MessageState::Queued => {
+                msg.state = MessageState::Queued;
+                msg.not_before = 0;
+                if let Some(r) = reason {
+                    msg.last_error = r;
+                }
+            }
+            MessageState::Sending => {
+                msg.state = MessageState::Sending;
+                msg.attempts = msg.attempts.saturating_add(1);
+            }
+            MessageState::Sent | MessageState::Failed => {
+                if state == MessageState::Failed
+                    && let Some(r) = reason
+                {
+                    msg.last_error = r;
+                }
+                msg.state = state;
+                msg.finished_at = now;
+                msg.payload.clear();
+            }
+        }
+    }
+
     /// See [`crate::Store::expire`]; results are in order of expiry time, then id.
     pub fn expire(&mut self, now: u64) -> Vec<Expired> {
         let mut due: Vec<(u64, OutboundId)> = self
@@ -194,6 +258,25 @@ impl MemOutbound {
             app: m.app.clone(),
             queue: m.queue.clone(),
         })
+    }
+
+    /// See [`crate::Store::unfinished`].
+    pub fn unfinished(&self) -> Vec<Unfinished> {
+        self.msgs
+            .iter()
+            .filter(|(_, m)| m.pending())
+            .map(|(&id, m)| Unfinished {
+                id,
+                queue: m.queue.clone(),
+                app: m.app.clone(),
+                payload: m.payload.clone(),
+                state: m.state,
+                attempts: m.attempts,
+                not_before: m.not_before,
+                expires_at: m.expires_at,
+                last_error: m.last_error.clone(),
+            })
+            .collect()
     }
 
     /// See [`crate::Store::pending_count`].

@@ -14,7 +14,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use redb::{ReadableTable, WriteTransaction};
+use redb::{ReadableTable, Table, WriteTransaction};
+use tracing::debug;
 
 use crate::codec::{Reader, Writer, queue_key, server_prefix, split_queue_key};
 use crate::error::{DbResultExt, StoreError};
@@ -28,7 +29,8 @@ pub const DEFAULT_EXPIRY_MS: u64 = 7 * 24 * 60 * 60 * 1000;
 const RECORD_VERSION: u8 = 1;
 const PAYLOAD_AAD: &[u8] = b"outbound_messages/";
 
-/// The id of an outbound message; ids increase with enqueue order and are never reused.
+/// The id of an outbound message; ids increase with enqueue order (whether the store or the
+/// caller picks them, see [`crate::Batch::enqueue`]) and are never reused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct OutboundId(pub u64);
 
@@ -152,6 +154,48 @@ pub struct QueueSummary {
     pub ready_at: Option<u64>,
 }
 
+/// A message not yet sent or failed, as [`Store::unfinished`] returns it to rebuild the pool.
+/// `Debug` shows the payload's length, not its bytes.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Unfinished {
+    /// Its id.
+    pub id: OutboundId,
+    /// The destination queue.
+    pub queue: QueueRef,
+    /// The owning app.
+    pub app: String,
+    /// The payload, decrypted.
+    pub payload: Vec<u8>,
+    /// [`MessageState::Queued`] or [`MessageState::Sending`].
+    pub state: MessageState,
+    /// How many times it has been sent (leased or set to `Sending`).
+    pub attempts: u32,
+    /// Unix ms before which it should not be sent (0: any time); set only by
+    /// [`Store::requeue`] and [`Store::mark_quota`].
+    pub not_before: u64,
+    /// Unix ms at which it fails if still queued.
+    pub expires_at: u64,
+    /// The reason given with the last retry, if any.
+    pub last_error: Option<String>,
+}
+
+impl fmt::Debug for Unfinished {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Unfinished")
+            .field("id", &self.id)
+            .field("queue", &self.queue)
+            .field("app", &self.app)
+            .field("payload_len", &self.payload.len())
+            .field("state", &self.state)
+            .field("attempts", &self.attempts)
+            .field("not_before", &self.not_before)
+            .field("expires_at", &self.expires_at)
+            .field("last_error", &self.last_error)
+            .finish()
+    }
+}
+
 /// The stored form of a message.
 #[derive(Debug)]
 struct Record {
@@ -273,6 +317,27 @@ fn decode_id(bytes: &[u8]) -> Result<OutboundId, StoreError> {
         })
 }
 
+/// The tables an enqueue writes, opened once for a run of enqueues (a group commit holds
+/// dozens; reopening per message would cost a table lookup and write-back each time).
+pub(crate) struct EnqueueTables<'txn> {
+    meta: Table<'txn, &'static [u8], &'static [u8]>,
+    msgs: Table<'txn, &'static [u8], &'static [u8]>,
+    fifo: Table<'txn, &'static [u8], &'static [u8]>,
+    expiry: Table<'txn, &'static [u8], &'static [u8]>,
+}
+
+impl<'txn> EnqueueTables<'txn> {
+    /// Opens the four tables in `txn`.
+    pub(crate) fn open(txn: &'txn WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Self {
+            meta: txn.open_table(META).db()?,
+            msgs: txn.open_table(OUT_MSGS).db()?,
+            fifo: txn.open_table(OUT_FIFO).db()?,
+            expiry: txn.open_table(OUT_EXPIRY).db()?,
+        })
+    }
+}
+
 impl Store {
     /// Durably enqueues one message; returns only after the commit. `now` is unix ms.
     pub fn enqueue(&self, msg: &NewOutbound, now: u64) -> Result<OutboundId, StoreError> {
@@ -297,40 +362,109 @@ impl Store {
         txn: &WriteTransaction,
         items: impl Iterator<Item = (&'a NewOutbound, u64)>,
     ) -> Result<Vec<OutboundId>, StoreError> {
-        let mut meta = txn.open_table(META).db()?;
-        let mut msgs = txn.open_table(OUT_MSGS).db()?;
-        let mut fifo = txn.open_table(OUT_FIFO).db()?;
-        let mut expiry = txn.open_table(OUT_EXPIRY).db()?;
-        let mut next = schema::read_counter(&meta, NEXT_OUTBOUND_KEY)?.max(1);
-        let mut ids = Vec::new();
-        for (msg, now) in items {
-            let id = OutboundId(next);
-            next += 1;
-            let qkey = queue_key(&msg.queue)?;
-            let expires_at = now.saturating_add(msg.ttl_ms.unwrap_or(DEFAULT_EXPIRY_MS));
-            let rec = Record {
-                state: MessageState::Queued,
-                attempts: 0,
-                not_before: 0,
-                expires_at,
-                finished_at: 0,
-                app: msg.app.clone(),
-                queue: msg.queue.clone(),
-                last_error: String::new(),
-                sealed: self.key.seal(&payload_aad(id), &msg.payload)?,
-            };
-            msgs.insert(id_key(id).as_slice(), rec.encode()?.as_slice())
-                .db()?;
-            fifo.insert(fifo_key(&qkey, id).as_slice(), [].as_slice())
-                .db()?;
-            expiry
-                .insert(expiry_key(expires_at, id).as_slice(), [].as_slice())
-                .db()?;
-            ids.push(id);
+        let mut tables = EnqueueTables::open(txn)?;
+        items
+            .map(|(msg, now)| self.enqueue_one(&mut tables, None, msg, now))
+            .collect()
+    }
+
+    /// Inserts one message under `id`, or under the next free id when `id` is `None`, and
+    /// advances the id counter past it. A caller-chosen id below the counter is refused: it is
+    /// either present or was pruned, and an id must never name two messages.
+    pub(crate) fn enqueue_one(
+        &self,
+        tables: &mut EnqueueTables<'_>,
+        id: Option<OutboundId>,
+        msg: &NewOutbound,
+        now: u64,
+    ) -> Result<OutboundId, StoreError> {
+        let next = schema::read_counter(&tables.meta, NEXT_OUTBOUND_KEY)?.max(1);
+        let id = id.unwrap_or(OutboundId(next));
+        if id.0 < next {
+            return Err(StoreError::InvalidInput("outbound id already used"));
         }
-        meta.insert(NEXT_OUTBOUND_KEY, next.to_be_bytes().as_slice())
+        let after =
+            id.0.checked_add(1)
+                .ok_or(StoreError::InvalidInput("outbound id out of range"))?;
+        let qkey = queue_key(&msg.queue)?;
+        let expires_at = now.saturating_add(msg.ttl_ms.unwrap_or(DEFAULT_EXPIRY_MS));
+        let rec = Record {
+            state: MessageState::Queued,
+            attempts: 0,
+            not_before: 0,
+            expires_at,
+            finished_at: 0,
+            app: msg.app.clone(),
+            queue: msg.queue.clone(),
+            last_error: String::new(),
+            sealed: self.key.seal(&payload_aad(id), &msg.payload)?,
+        };
+        tables
+            .msgs
+            .insert(id_key(id).as_slice(), rec.encode()?.as_slice())
             .db()?;
-        Ok(ids)
+        tables
+            .fifo
+            .insert(fifo_key(&qkey, id).as_slice(), [].as_slice())
+            .db()?;
+        tables
+            .expiry
+            .insert(expiry_key(expires_at, id).as_slice(), [].as_slice())
+            .db()?;
+        tables
+            .meta
+            .insert(NEXT_OUTBOUND_KEY, after.to_be_bytes().as_slice())
+            .db()?;
+        Ok(id)
+    }
+
+    /// Moves a message to `state` for [`crate::Batch::set_state`]. Lenient where the single-op
+    /// calls are strict: the pool replays its own view of each message, and a commit carrying
+    /// an app's reply must not fail because a message finished twice.
+    pub(crate) fn set_state_in(
+        &self,
+        txn: &WriteTransaction,
+        id: OutboundId,
+        state: MessageState,
+        reason: Option<&str>,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        let mut msgs = txn.open_table(OUT_MSGS).db()?;
+        let mut rec = match load(&msgs, id) {
+            Ok(rec) => rec,
+            Err(StoreError::UnknownMessage(_)) => {
+                debug!(%id, ?state, "ignoring state change of unknown outbound message");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        if matches!(rec.state, MessageState::Sent | MessageState::Failed) {
+            debug!(%id, from = ?rec.state, to = ?state, "ignoring state change of finished message");
+            return Ok(());
+        }
+        match state {
+            MessageState::Queued => {
+                rec.state = MessageState::Queued;
+                rec.not_before = 0;
+                if let Some(reason) = reason {
+                    rec.last_error = reason.to_owned();
+                }
+            }
+            MessageState::Sending => {
+                rec.state = MessageState::Sending;
+                rec.attempts = rec.attempts.saturating_add(1);
+            }
+            MessageState::Sent => self.finish(txn, &mut rec, id, MessageState::Sent, now)?,
+            MessageState::Failed => {
+                if let Some(reason) = reason {
+                    rec.last_error = reason.to_owned();
+                }
+                self.finish(txn, &mut rec, id, MessageState::Failed, now)?;
+            }
+        }
+        msgs.insert(id_key(id).as_slice(), rec.encode()?.as_slice())
+            .db()?;
+        Ok(())
     }
 
     /// Leases up to `max` messages of `queue` that are due at `now`, in FIFO order, and marks
@@ -602,6 +736,47 @@ impl Store {
                 }
             }
             out.push(summary);
+        }
+        Ok(out)
+    }
+
+    /// The id the next enqueue should use (>= 1, never reused): one past the highest id ever
+    /// enqueued, whether by the store or by a caller.
+    pub fn next_outbound_id(&self) -> Result<OutboundId, StoreError> {
+        let txn = self.read()?;
+        let meta = txn.open_table(META).db()?;
+        Ok(OutboundId(
+            schema::read_counter(&meta, NEXT_OUTBOUND_KEY)?.max(1),
+        ))
+    }
+
+    /// Every outbound message not yet sent or failed, in id order, payload unsealed: what the
+    /// pool reloads at start. Messages in flight at the last shutdown were queued again on open.
+    pub fn unfinished(&self) -> Result<Vec<Unfinished>, StoreError> {
+        let txn = self.read()?;
+        let msgs = txn.open_table(OUT_MSGS).db()?;
+        let mut out = Vec::new();
+        for entry in msgs.iter().db()? {
+            let (k, v) = entry.db()?;
+            let rec = Record::decode(v.value())?;
+            if matches!(rec.state, MessageState::Sent | MessageState::Failed) {
+                continue;
+            }
+            let id = decode_id(k.value())?;
+            let payload = self
+                .key
+                .open_record(&payload_aad(id), &rec.sealed, "payload")?;
+            out.push(Unfinished {
+                id,
+                payload: payload.to_vec(),
+                state: rec.state,
+                attempts: rec.attempts,
+                not_before: rec.not_before,
+                expires_at: rec.expires_at,
+                last_error: (!rec.last_error.is_empty()).then_some(rec.last_error),
+                queue: rec.queue,
+                app: rec.app,
+            });
         }
         Ok(out)
     }

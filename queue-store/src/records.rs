@@ -5,7 +5,7 @@
 //! keys, flags), `secret` holds every private key and all E2E state and is sealed with the data
 //! key, bound to the queue it belongs to.
 
-use redb::ReadableTable;
+use redb::{ReadableTable, WriteTransaction};
 
 use crate::codec::{Reader, Writer, queue_key, split_queue_key};
 use crate::error::{DbResultExt, StoreError};
@@ -33,9 +33,28 @@ fn secret_aad(qkey: &[u8]) -> Vec<u8> {
     [SECRET_AAD, qkey].concat()
 }
 
+/// [`Store::delete_record`] inside an open transaction (shared with [`crate::Batch`]).
+pub(crate) fn delete_record_in(
+    txn: &WriteTransaction,
+    queue: &QueueRef,
+) -> Result<bool, StoreError> {
+    let qkey = queue_key(queue)?;
+    let mut table = txn.open_table(RECORDS).db()?;
+    Ok(table.remove(qkey.as_slice()).db()?.is_some())
+}
+
 impl Store {
     /// Inserts or replaces the record of `record.queue`.
     pub fn put_record(&self, record: &QueueRecord) -> Result<(), StoreError> {
+        self.write(|txn| self.put_record_in(txn, record))
+    }
+
+    /// [`Self::put_record`] inside an open transaction (shared with [`crate::Batch`]).
+    pub(crate) fn put_record_in(
+        &self,
+        txn: &WriteTransaction,
+        record: &QueueRecord,
+    ) -> Result<(), StoreError> {
         let qkey = queue_key(&record.queue)?;
         let sealed = self.key.seal(&secret_aad(&qkey), record.secret.expose())?;
         let value = Writer::new()
@@ -44,13 +63,11 @@ impl Store {
             .bytes(&record.public)?
             .bytes(&sealed)?
             .finish();
-        self.write(|txn| {
-            txn.open_table(RECORDS)
-                .db()?
-                .insert(qkey.as_slice(), value.as_slice())
-                .db()?;
-            Ok(())
-        })
+        txn.open_table(RECORDS)
+            .db()?
+            .insert(qkey.as_slice(), value.as_slice())
+            .db()?;
+        Ok(())
     }
 
     /// The record of `queue`, if any.
@@ -88,11 +105,7 @@ impl Store {
 
     /// Deletes the record of `queue`; returns whether there was one.
     pub fn delete_record(&self, queue: &QueueRef) -> Result<bool, StoreError> {
-        let qkey = queue_key(queue)?;
-        self.write(|txn| {
-            let mut table = txn.open_table(RECORDS).db()?;
-            Ok(table.remove(qkey.as_slice()).db()?.is_some())
-        })
+        self.write(|txn| delete_record_in(txn, queue))
     }
 
     fn decode_record(

@@ -34,11 +34,13 @@ pub(crate) const MBX_ORDER: Table = TableDefinition::new("mailbox_seen_order");
 pub(crate) const MBX_COUNT: Table = TableDefinition::new("mailbox_seen_count");
 /// Queue key → queue record (secrets sealed).
 pub(crate) const RECORDS: Table = TableDefinition::new("queue_records");
+/// Caller-chosen key → small opaque value, unsealed (schema 2).
+pub(crate) const STATE: Table = TableDefinition::new("small_state");
 
 /// Every table, in the order they are exported.
-pub(crate) const ALL_TABLES: [Table; 10] = [
+pub(crate) const ALL_TABLES: [Table; 11] = [
     META, OUT_MSGS, OUT_FIFO, OUT_EXPIRY, OUT_HOLD, MBX_MSGS, MBX_SEEN, MBX_ORDER, MBX_COUNT,
-    RECORDS,
+    RECORDS, STATE,
 ];
 
 pub(crate) const MAGIC_KEY: &[u8] = b"magic";
@@ -49,7 +51,7 @@ pub(crate) const NEXT_OUTBOUND_KEY: &[u8] = b"next_outbound_id";
 pub(crate) const NEXT_MAILBOX_SEQ_KEY: &[u8] = b"next_mailbox_seq";
 
 /// The schema this build writes and the newest it can read. Older files are migrated on open.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// What [`check`] learned from a database's meta table.
 #[derive(Debug)]
@@ -118,11 +120,17 @@ pub(crate) fn initialize(txn: &redb::WriteTransaction, key_wrap: &[u8]) -> Resul
 /// One migration step: upgrades the tables in `txn` by exactly one schema version.
 type Migration = fn(&redb::WriteTransaction) -> Result<(), StoreError>;
 
-/// `MIGRATIONS[i]` upgrades schema `i + 1` to `i + 2`. Version 1 is the first schema, so the
-/// list is empty; a change to the layout appends a step and bumps [`SCHEMA_VERSION`].
-const MIGRATIONS: &[Migration] = &[];
+/// `MIGRATIONS[i]` upgrades schema `i + 1` to `i + 2`; a change to the layout appends a step and
+/// bumps [`SCHEMA_VERSION`].
+const MIGRATIONS: &[Migration] = &[v1_to_v2];
 
 const _: () = assert!(MIGRATIONS.len() as u32 + 1 == SCHEMA_VERSION);
+
+/// Schema 2 adds the small-state table; nothing else changed, so no row is rewritten.
+fn v1_to_v2(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    txn.open_table(STATE).db()?;
+    Ok(())
+}
 
 /// Brings a database from schema `from` up to [`SCHEMA_VERSION`] inside `txn`.
 ///
@@ -167,4 +175,22 @@ pub(crate) fn read_counter(
                 detail: "not 8 bytes".to_owned(),
             }),
     }
+}
+
+/// Every row whose key starts with `prefix`, in key order, copied out so the caller may then
+/// modify the table.
+#[allow(clippy::type_complexity)] // raw key/value pairs; house style avoids a type alias
+pub(crate) fn scan_prefix(
+    table: &impl redb::ReadableTable<&'static [u8], &'static [u8]>,
+    prefix: &[u8],
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    let mut out = Vec::new();
+    for entry in table.range::<&[u8]>(prefix..).db()? {
+        let (k, v) = entry.db()?;
+        if !k.value().starts_with(prefix) {
+            break;
+        }
+        out.push((k.value().to_vec(), v.value().to_vec()));
+    }
+    Ok(out)
 }

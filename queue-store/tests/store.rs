@@ -5,34 +5,17 @@
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Barrier, Mutex};
 
 use muxd_queue_store::{
-    Delivered, GroupCommitter, MessageState, NewOutbound, Passphrase, QueueRecord, QueueRef,
+    Batch, Delivered, GroupCommitter, MessageState, NewOutbound, QueueRecord, QueueRef,
     SecretBytes, Store, StoreError, StoreOptions, Unlock, create_key_file,
 };
 
-const NOW: u64 = 1_700_000_000_000;
+mod common;
 
-fn pass(p: &str) -> Unlock {
-    Unlock::Passphrase(Passphrase::new(p.into()))
-}
-
-fn msg(queue: &QueueRef, payload: &[u8]) -> NewOutbound {
-    NewOutbound {
-        queue: queue.clone(),
-        app: "app".into(),
-        payload: payload.to_vec(),
-        ttl_ms: None,
-    }
-}
-
-fn new_store(dir: &Path) -> (PathBuf, Store) {
-    let path = dir.join("store.redb");
-    let store = Store::create(&path, &pass("pw")).unwrap();
-    (path, store)
-}
+use common::{NOW, msg, new_store, pass};
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
@@ -536,6 +519,17 @@ mod secrets {
             tracing::info!(?record, "stored record");
             store.enqueue(&msg(&q, &key), NOW).unwrap();
             store.deliver("app", &q, b"m1", &key, NOW).unwrap();
+            // The same secrets through the daemon's path: one batch, logged whole.
+            let q2 = QueueRef::new("smp://a", b"rq2".to_vec());
+            let mut batch = Batch::new();
+            batch.put_record(QueueRecord {
+                queue: q2.clone(),
+                ..record.clone()
+            });
+            batch.enqueue(store.next_outbound_id().unwrap(), msg(&q2, &key), NOW);
+            batch.deliver("app".into(), q2.clone(), b"m2".to_vec(), key.clone(), NOW);
+            tracing::info!(?batch, "committing");
+            store.commit(batch).unwrap();
             store.export(&backup, &pass("backup")).unwrap();
             drop(store);
             let store = Store::open(&path, &pass("pw")).unwrap();
@@ -543,6 +537,9 @@ mod secrets {
             tracing::info!(?back, "loaded record");
             assert_eq!(back.secret.expose(), key.as_slice());
             assert_eq!(back, record);
+            let back2 = store.record(&q2).unwrap().unwrap();
+            assert_eq!(back2.secret.expose(), key.as_slice());
+            tracing::info!(unfinished = ?store.unfinished().unwrap(), "reloaded");
         });
         let logs = capture.0.lock().unwrap().clone();
         assert!(

@@ -75,10 +75,23 @@ fn muxd_bin() -> PathBuf {
 
 fn start_daemon(dir: &Path) -> (DaemonGuard, PathBuf) {
     let socket = dir.join("muxd.sock");
+    let data_dir = dir.join("state");
+    // `muxd run` needs a store; a fresh one per run, in the bench's temp dir.
+    let init = Command::new(muxd_bin())
+        .arg("init")
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .env("XDG_CONFIG_HOME", dir.join("config"))
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(init.success(), "muxd init failed");
     let child = Command::new(muxd_bin())
         .arg("run")
         .arg("--socket")
         .arg(&socket)
+        .arg("--data-dir")
+        .arg(&data_dir)
         .env("XDG_CONFIG_HOME", dir.join("config"))
         .env("MUXD_LOG", "warn")
         .stdin(Stdio::null())

@@ -287,23 +287,84 @@ impl Client {
         }
     }
 
-    /// Sends `body` to the queue named by `queue_uri`; returns the daemon's message id and
-    /// whether the server took it (`"sent"`) or it waits to go out (`"queued"`).
+    /// Sends `body` to the queue named by `queue_uri`; returns the daemon's message id and its
+    /// state, normally `"queued"`: the daemon has stored the message durably and sends it
+    /// whenever the server is reachable. Its outcome arrives later as an [`Event::Message`]
+    /// (after [`Client::watch`]) and can be asked for with [`Client::message_status`].
     pub async fn send(
         &mut self,
         queue_uri: String,
         body: &[u8],
     ) -> Result<(String, String), ClientError> {
+        self.send_op(queue_uri, body, false).await
+    }
+
+    /// Like [`Client::send`], but answers only once the server accepted the message, with
+    /// state `"sent"`. While the server is unreachable this waits; bound it with
+    /// `tokio::time::timeout` if needed (the message stays queued either way).
+    pub async fn send_wait(
+        &mut self,
+        queue_uri: String,
+        body: &[u8],
+    ) -> Result<(String, String), ClientError> {
+        self.send_op(queue_uri, body, true).await
+    }
+
+    async fn send_op(
+        &mut self,
+        queue_uri: String,
+        body: &[u8],
+        wait: bool,
+    ) -> Result<(String, String), ClientError> {
         let body_b64 = base64::engine::general_purpose::STANDARD.encode(body);
-        match self
-            .request(Op::Send {
-                queue_uri,
-                body_b64,
-            })
-            .await?
-        {
+        let op = Op::Send {
+            queue_uri,
+            body_b64,
+            wait,
+        };
+        match self.request(op).await? {
             Reply::Sent { message_id, state } => Ok((message_id, state)),
             other => Err(unexpected("sent", &other)),
+        }
+    }
+
+    /// Where one of this app's messages is: `"queued"`, `"sending"`, `"sent"` or `"failed"`.
+    pub async fn message_status(
+        &mut self,
+        message_id: String,
+    ) -> Result<MessageStatus, ClientError> {
+        match self.request(Op::MessageStatus { message_id }).await? {
+            Reply::MessageStatus {
+                message_id,
+                state,
+                error,
+            } => Ok(MessageStatus {
+                message_id,
+                state,
+                error,
+            }),
+            other => Err(unexpected("message_status", &other)),
+        }
+    }
+
+    /// Asks the daemon to write a sealed backup of its store to `path`, a file that must not
+    /// exist yet. The daemon resolves a relative path against its own working directory, so
+    /// this makes `path` absolute (against the caller's) first. Returns where the daemon
+    /// wrote it.
+    pub async fn export(&mut self, path: &Path) -> Result<PathBuf, ClientError> {
+        let path = std::path::absolute(path)?;
+        let path = path
+            .to_str()
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("backup path {} is not UTF-8", path.display()),
+                )
+            })?
+            .to_owned();
+        match self.request(Op::Export { path }).await? {
+            Reply::Exported { path } => Ok(PathBuf::from(path)),
+            other => Err(unexpected("exported", &other)),
         }
     }
 
@@ -413,6 +474,18 @@ impl Client {
             self.decoder.extend(&chunk[..n]);
         }
     }
+}
+
+/// The answer to [`Client::message_status`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MessageStatus {
+    /// The message.
+    pub message_id: String,
+    /// `"queued"`, `"sending"`, `"sent"` or `"failed"`.
+    pub state: String,
+    /// Why it failed, or the reason of the last retry.
+    pub error: Option<String>,
 }
 
 fn unexpected(wanted: &str, got: &Reply) -> ClientError {

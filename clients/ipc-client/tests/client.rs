@@ -374,3 +374,109 @@ async fn into_events_is_a_stream() {
         .await;
     assert_eq!(got, [0, 1, 2]);
 }
+
+#[tokio::test]
+async fn send_status_and_export_carry_the_right_ops() {
+    let (_dir, path, listener) = socket();
+    let server = tokio::spawn(async move {
+        let mut p = accept(&listener).await;
+        p.accept_hello(PROTO_VERSION).await;
+        // A plain send asks for no wait and is answered `queued`.
+        let r = p.recv_request().await;
+        let Op::Send {
+            queue_uri,
+            body_b64,
+            wait,
+        } = r.op
+        else {
+            panic!("expected send, got {:?}", r.op)
+        };
+        assert_eq!(
+            (queue_uri.as_str(), body_b64.as_str(), wait),
+            ("smp://q", "aGk=", false)
+        );
+        p.send(&ServerMessage::Response(Response {
+            id: r.id,
+            reply: Reply::Sent {
+                message_id: "m1".into(),
+                state: "queued".into(),
+            },
+        }))
+        .await;
+        // A status event arrives before the next answer; it must be kept for next_event.
+        p.send(&ServerMessage::Event(Event::Message(MessageEvent {
+            message_id: "m1".into(),
+            state: "sent".into(),
+            error: None,
+        })))
+        .await;
+        let r = p.recv_request().await;
+        assert!(matches!(r.op, Op::Send { wait: true, .. }), "{:?}", r.op);
+        p.send(&ServerMessage::Response(Response {
+            id: r.id,
+            reply: Reply::Sent {
+                message_id: "m2".into(),
+                state: "sent".into(),
+            },
+        }))
+        .await;
+        let r = p.recv_request().await;
+        assert_eq!(
+            r.op,
+            Op::MessageStatus {
+                message_id: "m3".into()
+            }
+        );
+        p.send(&ServerMessage::Response(Response {
+            id: r.id,
+            reply: Reply::MessageStatus {
+                message_id: "m3".into(),
+                state: "failed".into(),
+                error: Some("expired".into()),
+            },
+        }))
+        .await;
+        let r = p.recv_request().await;
+        let Op::Export { path } = r.op else {
+            panic!("expected export, got {:?}", r.op)
+        };
+        p.send(&ServerMessage::Response(Response {
+            id: r.id,
+            reply: Reply::Exported { path: path.clone() },
+        }))
+        .await;
+        path
+    });
+    let mut c = Client::connect(&path, "t").await.unwrap();
+    assert_eq!(
+        c.send("smp://q".into(), b"hi").await.unwrap(),
+        ("m1".to_owned(), "queued".to_owned())
+    );
+    assert_eq!(
+        c.send_wait("smp://q".into(), b"hi").await.unwrap(),
+        ("m2".to_owned(), "sent".to_owned())
+    );
+    let st = c.message_status("m3".into()).await.unwrap();
+    assert_eq!(
+        (
+            st.message_id.as_str(),
+            st.state.as_str(),
+            st.error.as_deref()
+        ),
+        ("m3", "failed", Some("expired"))
+    );
+    assert_eq!(
+        c.next_event().await.unwrap(),
+        Some(Event::Message(MessageEvent {
+            message_id: "m1".into(),
+            state: "sent".into(),
+            error: None,
+        }))
+    );
+    // A relative path is made absolute against this process's working directory.
+    let written = c.export(std::path::Path::new("backup.muxd")).await.unwrap();
+    let sent = server.await.unwrap();
+    let expected = std::env::current_dir().unwrap().join("backup.muxd");
+    assert_eq!(PathBuf::from(&sent), expected);
+    assert_eq!(written, expected);
+}

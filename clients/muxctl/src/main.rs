@@ -75,6 +75,17 @@ enum QueueCommand {
     },
 }
 
+/// `muxctl message …`.
+#[derive(Debug, Subcommand)]
+#[deny(missing_docs)]
+enum MessageCommand {
+    /// Show where a sent message is: queued, sending, sent or failed (and why)
+    Status {
+        /// The message id printed by `send`
+        message_id: String,
+    },
+}
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 #[deny(missing_docs)]
@@ -105,6 +116,11 @@ enum Command {
     #[command(subcommand)]
     Queue(QueueCommand),
     /// Send a message to a queue URI (securing the queue on first use)
+    ///
+    /// Prints `queued <id>` as soon as the daemon has stored the message durably; it goes out,
+    /// in order, whenever the server is reachable (`muxctl message status <id>`, or a `message`
+    /// event in `muxctl watch`, tells the outcome). With --wait, prints `sent <id>` once the
+    /// server has accepted it.
     Send {
         /// The recipient's queue URI (smp://…/<senderId>#/?v=…&dh=…)
         queue_uri: String,
@@ -118,6 +134,21 @@ enum Command {
         /// Send the contents of this file instead of TEXT
         #[arg(long, value_name = "FILE")]
         file: Option<PathBuf>,
+        /// Wait until the server has accepted the message (the daemon keeps it queued, and
+        /// retries, for as long as the server is unreachable)
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Ask about messages sent earlier
+    #[command(subcommand)]
+    Message(MessageCommand),
+    /// Write a sealed backup of the daemon's store to a new file
+    ///
+    /// The backup is protected like the store (its key file or passphrase). Restore it with
+    /// `muxd restore --from FILE` while the daemon is stopped.
+    Export {
+        /// The backup file to create; it must not exist
+        file: PathBuf,
     },
     /// Print messages received on one of this app's queues, acknowledging each once printed
     Recv {
@@ -240,7 +271,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 queue_uri,
                 text,
                 file,
-            } => send(&mut client, &mut out, queue_uri, text, file).await,
+                wait,
+            } => send(&mut client, &mut out, queue_uri, text, file, wait).await,
+            Command::Message(MessageCommand::Status { message_id }) => {
+                message_status(&mut client, &mut out, message_id).await
+            }
+            Command::Export { file } => export(&mut client, &mut out, &file).await,
             Command::Recv {
                 queue_id,
                 follow,
@@ -456,6 +492,7 @@ async fn send(
     queue_uri: String,
     text: Option<String>,
     file: Option<PathBuf>,
+    wait: bool,
 ) -> anyhow::Result<()> {
     let body = match (text, file) {
         (Some(t), _) => t.into_bytes(),
@@ -464,11 +501,64 @@ async fn send(
         }
         (None, None) => bail!("nothing to send: give TEXT or --file"),
     };
-    let (message_id, state) = client.send(queue_uri, &body).await.context("send failed")?;
+    let (message_id, state) = if wait {
+        client.send_wait(queue_uri, &body).await
+    } else {
+        client.send(queue_uri, &body).await
+    }
+    .context("send failed")?;
     if out.json {
         out.json_line(&serde_json::json!({ "message_id": message_id, "state": state }))
     } else {
         out.text(&format!("{state} {message_id}"))
+    }
+}
+
+async fn message_status(
+    client: &mut Client,
+    out: &mut Output,
+    message_id: String,
+) -> anyhow::Result<()> {
+    let st = client
+        .message_status(message_id.clone())
+        .await
+        .with_context(|| format!("cannot get the status of message {message_id}"))?;
+    if out.json {
+        out.json_line(&serde_json::json!({
+            "message_id": st.message_id,
+            "state": st.state,
+            "error": st.error,
+        }))
+    } else {
+        out.text(&render_message_state(
+            &st.message_id,
+            &st.state,
+            st.error.as_deref(),
+        ))
+    }
+}
+
+/// `<state> <id>` like `send` prints, with the error quoted after it.
+fn render_message_state(message_id: &str, state: &str, error: Option<&str>) -> String {
+    match error {
+        Some(e) => format!("{state} {message_id} error=\"{e}\""),
+        None => format!("{state} {message_id}"),
+    }
+}
+
+async fn export(
+    client: &mut Client,
+    out: &mut Output,
+    file: &std::path::Path,
+) -> anyhow::Result<()> {
+    let written = client
+        .export(file)
+        .await
+        .with_context(|| format!("export to {} failed", file.display()))?;
+    if out.json {
+        out.json_line(&serde_json::json!({ "exported": written }))
+    } else {
+        out.text(&format!("exported the store to {}", written.display()))
     }
 }
 
@@ -917,6 +1007,10 @@ fn render_event(ev: &Event) -> String {
             l.source,
             l.rtt_us as f64 / 1e3
         ),
+        Event::Message(m) => format!(
+            "message {}",
+            render_message_state(&m.message_id, &m.state, m.error.as_deref())
+        ),
         // A newer daemon may send events this muxctl does not know by name.
         other => format!("event {other:?}"),
     }
@@ -953,6 +1047,43 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn store_commands_parse() {
+        let cli = Cli::try_parse_from(["muxctl", "send", "--wait", "smp://q", "hi"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Send { wait: true, text: Some(ref t), .. } if t == "hi"
+        ));
+        let cli = Cli::try_parse_from(["muxctl", "send", "smp://q", "hi"]).unwrap();
+        assert!(matches!(cli.command, Command::Send { wait: false, .. }));
+        let cli = Cli::try_parse_from(["muxctl", "--json", "message", "status", "42"]).unwrap();
+        assert!(cli.json);
+        assert!(matches!(
+            cli.command,
+            Command::Message(MessageCommand::Status { ref message_id }) if message_id == "42"
+        ));
+        let cli = Cli::try_parse_from(["muxctl", "export", "b.muxd"]).unwrap();
+        assert!(
+            matches!(cli.command, Command::Export { ref file } if file == std::path::Path::new("b.muxd"))
+        );
+        assert!(Cli::try_parse_from(["muxctl", "export"]).is_err());
+        assert!(Cli::try_parse_from(["muxctl", "message", "status"]).is_err());
+    }
+
+    #[test]
+    fn message_events_and_states_render() {
+        let ev = Event::Message(muxd_ipc_proto::MessageEvent {
+            message_id: "7".into(),
+            state: "failed".into(),
+            error: Some("expired after 7d".into()),
+        });
+        assert_eq!(
+            render_event(&ev),
+            "message failed 7 error=\"expired after 7d\""
+        );
+        assert_eq!(render_message_state("8", "sent", None), "sent 8");
+    }
 
     #[test]
     fn cli_is_well_formed() {

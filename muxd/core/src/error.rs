@@ -26,6 +26,9 @@ pub enum PoolError {
         /// What happened, e.g. "server identity mismatch: expected keyHash …".
         reason: String,
     },
+    /// Something of the daemon's own failed (its store); not the request's fault.
+    #[error("internal: {0}")]
+    Internal(String),
 }
 
 impl PoolError {

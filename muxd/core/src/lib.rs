@@ -22,6 +22,7 @@ mod deadline;
 mod envelope;
 mod error;
 mod mailbox;
+mod persist;
 mod pool;
 mod queue;
 mod request;
@@ -34,6 +35,7 @@ pub use envelope::{
 };
 pub use error::PoolError;
 pub use mailbox::{Delivery, Mailbox, MemoryMailbox, REMEMBERED_ACKS, ReceivedMessage};
+pub use persist::{MessageOutcome, SavedMessage, SavedQueue, SavedSender};
 pub use pool::{MAX_BODY_LEN, Pool};
 pub use request::{
     Action, PoolEvent, PoolReply, PoolRequest, QueueInfo, RequestToken, Subscription,

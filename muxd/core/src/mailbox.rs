@@ -9,6 +9,8 @@ use std::fmt;
 use zeroize::Zeroize;
 
 use crate::envelope::SeqWindow;
+use crate::persist::{MessageOutcome, SavedMessage, SavedQueue, SavedSender};
+use crate::server::ServerKey;
 
 /// How many ids of already acknowledged messages a [`MemoryMailbox`] remembers per queue.
 ///
@@ -97,6 +99,41 @@ pub trait Mailbox {
     fn delivered_seqs(&self, queue_id: &str) -> Option<SeqWindow> {
         let _ = queue_id;
         None
+    }
+
+    // ---- the journal: what a durable store must keep besides received messages ----
+    //
+    // The pool calls these as its state changes, inside the same call that produces the
+    // actions depending on them. A durable store may stage them and commit once per call;
+    // the driver must commit before it carries out the actions the pool returned after that
+    // call (a reply to an app, a block to a server): the pool's write-ahead rule. An
+    // in-memory mailbox ignores them (the defaults).
+
+    /// A queue was created or its keys or e2e state changed: keep this version. Forgotten
+    /// with [`Self::remove_queue`].
+    fn save_queue(&mut self, queue: &SavedQueue) {
+        let _ = queue;
+    }
+
+    /// A destination's sender state changed (created, secured, confirmed, a seq handed out).
+    fn save_sender(&mut self, sender: &SavedSender) {
+        let _ = sender;
+    }
+
+    /// A destination's sender state is no longer needed.
+    fn forget_sender(&mut self, server: &ServerKey, sender_id: &[u8]) {
+        let _ = (server, sender_id);
+    }
+
+    /// An app handed over a message to send; it must survive until
+    /// [`Self::message_finished`].
+    fn enqueue(&mut self, message: &SavedMessage) {
+        let _ = message;
+    }
+
+    /// A message was accepted by the server or failed for good.
+    fn message_finished(&mut self, id: u64, outcome: &MessageOutcome) {
+        let _ = (id, outcome);
     }
 }
 
@@ -188,6 +225,12 @@ impl MemoryMailbox {
     /// An empty mailbox.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// After a restart: the window of seqs a durable store delivered for `queue_id` before.
+    /// Messages still waiting go back with [`Mailbox::insert`].
+    pub fn restore_window(&mut self, queue_id: &str, window: SeqWindow) {
+        self.queues.entry(queue_id.to_owned()).or_default().seqs = window;
     }
 }
 

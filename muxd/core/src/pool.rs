@@ -25,6 +25,7 @@ use crate::deadline::later;
 use crate::envelope::{ENVELOPE_OVERHEAD, Envelope, EnvelopeError, SeqWindow};
 use crate::error::PoolError;
 use crate::mailbox::{Delivery, Mailbox, MemoryMailbox, ReceivedMessage};
+use crate::persist::{MessageOutcome, SavedMessage, SavedQueue, SavedSender};
 use crate::queue::{NewQueueKeys, Opened, RcvQueue};
 use crate::request::{
     Action, PoolEvent, PoolReply, PoolRequest, QueueInfo, RequestToken, Subscription,
@@ -213,6 +214,11 @@ impl<M: Mailbox> Pool<M> {
         &self.mailbox
     }
 
+    /// The mailbox, to commit what it staged (see the journal methods of [`Mailbox`]).
+    pub fn mailbox_mut(&mut self) -> &mut M {
+        &mut self.mailbox
+    }
+
     /// Received messages dropped because they were already delivered (a resent copy, or a
     /// re-delivery after a lost ACK), over all queues since the pool started. Per queue:
     /// [`QueueInfo::duplicates_suppressed`].
@@ -316,6 +322,138 @@ impl<M: Mailbox> Pool<M> {
             self.release.insert(app.to_owned());
         }
         Ok(())
+    }
+
+    /// Where one of `app`'s messages is while the pool still has it: `"queued"` (waiting
+    /// for its turn or its server) or `"sending"` (on the wire, no answer yet). `None` once
+    /// it was sent or failed (the journal knows), or when it is not the app's.
+    pub fn message_state(&self, app: &str, message_id: u64) -> Option<&'static str> {
+        self.senders
+            .values()
+            .flat_map(|s| s.outbox.iter())
+            .find(|m| m.seq == message_id && m.app == app)
+            .map(|m| match m.state {
+                OutState::Queued => "queued",
+                OutState::InFlight(_) => "sending",
+            })
+    }
+
+    // ---- restart ----
+
+    /// After a restart: a queue the journal kept ([`Mailbox::save_queue`]). The mailbox
+    /// must already hold its waiting messages and seq window. Its subscription is pending
+    /// until [`Self::resume`] connects its server.
+    pub fn restore_queue(&mut self, now: Instant, saved: &SavedQueue) -> Result<(), PoolError> {
+        let mut queue = RcvQueue::restore(saved)?;
+        if self.queues.contains_key(&saved.queue_id) {
+            return Err(PoolError::InvalidArgument(format!(
+                "queue {} restored twice",
+                saved.queue_id
+            )));
+        }
+        let key = self.restored_server(now, &saved.server)?;
+        if let Some(window) = self.mailbox.delivered_seqs(&saved.queue_id) {
+            queue.delivered = window;
+        }
+        let usage = self.usage(&saved.queue_id);
+        self.account(&queue.app, Waiting::default(), usage);
+        if let Some(s) = self.servers.get_mut(&key) {
+            s.queues += 1;
+            s.live_queues += 1;
+        }
+        self.queues.insert(saved.queue_id.clone(), queue);
+        Ok(())
+    }
+
+    /// After a restart: a destination's sender state ([`Mailbox::save_sender`]).
+    pub fn restore_sender(&mut self, now: Instant, saved: &SavedSender) -> Result<(), PoolError> {
+        let sender = SndQueue::restore(saved)?;
+        let server = self.restored_server(now, &saved.server)?;
+        let dest = DestKey {
+            server,
+            sender_id: saved.sender_id.clone(),
+        };
+        self.senders.insert(dest, sender);
+        // Recounted from scratch: cheap at restart, and right even if an entry came twice.
+        self.app_senders.clear();
+        for s in self.senders.values() {
+            for app in &s.apps {
+                *self.app_senders.entry(app.clone()).or_default() += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// After a restart: a message the journal kept ([`Mailbox::enqueue`]) and that had not
+    /// finished, in the order they were handed over. Its sender must be restored first.
+    /// `queued_at` bounds its wait with [`PoolConfig::send_timeout`] as before the restart.
+    pub fn restore_message(
+        &mut self,
+        now: Instant,
+        saved: SavedMessage,
+        queued_at: Instant,
+    ) -> Result<(), PoolError> {
+        let server = self.restored_server(now, &saved.server)?;
+        let dest = DestKey {
+            server: server.clone(),
+            sender_id: saved.sender_id.clone(),
+        };
+        let Some(sender) = self.senders.get_mut(&dest) else {
+            return Err(PoolError::InvalidArgument(format!(
+                "message {} has no sender state",
+                saved.id
+            )));
+        };
+        // Only the first `send_window` messages of a destination can have been on the wire
+        // when the daemon stopped: those may have reached the server, so each travels alone
+        // (the recipient drops a copy by its envelope seq); the rest go out as usual.
+        let maybe_stored = sender.outbox.len() < self.config.send_window.max(1);
+        sender.restore_message(OutMsg {
+            seq: saved.id,
+            envelope_seq: saved.envelope_seq,
+            maybe_stored,
+            token: None,
+            app: saved.app.clone(),
+            body: saved.body,
+            state: OutState::Queued,
+            retries: 0,
+            queued_at,
+        });
+        if let Some(s) = self.servers.get_mut(&server) {
+            s.charge(&saved.app, Budget::Send);
+        }
+        self.next_seq = self.next_seq.max(saved.id + 1);
+        Ok(())
+    }
+
+    /// Message ids continue from `next` (the journal's next id), so none is reused.
+    pub fn set_next_message_id(&mut self, next: u64) {
+        self.next_seq = self.next_seq.max(next);
+    }
+
+    /// After restoring: connects every server that has queues to subscribe or messages to
+    /// send.
+    pub fn resume(&mut self, now: Instant) {
+        self.tick(now);
+        let keys: Vec<ServerKey> = self.servers.keys().cloned().collect();
+        for key in keys {
+            let idle = self
+                .servers
+                .get(&key)
+                .is_some_and(|s| matches!(s.state, ConnState::Idle | ConnState::Failed));
+            if idle && self.needs_connection(&key) {
+                self.connect(now, &key);
+            }
+        }
+    }
+
+    /// The entry of a server named in the journal.
+    fn restored_server(&mut self, now: Instant, key: &ServerKey) -> Result<ServerKey, PoolError> {
+        let address: SmpServer = key
+            .address()
+            .parse()
+            .map_err(|e| PoolError::InvalidArgument(format!("stored server address: {e}")))?;
+        self.server_entry(now, &address, key.transport())
     }
 
     /// Messages and body bytes waiting in one queue.
@@ -440,9 +578,11 @@ impl<M: Mailbox> Pool<M> {
             PoolRequest::DeleteQueue { queue_id } => {
                 self.delete_queue(now, rng, app, token, queue_id)
             }
-            PoolRequest::Send { queue_uri, body } => {
-                self.send(now, rng, app, token, &queue_uri, Zeroizing::new(body))
-            }
+            PoolRequest::Send {
+                queue_uri,
+                body,
+                wait,
+            } => self.send(now, rng, app, token, &queue_uri, Zeroizing::new(body), wait),
         };
         if let Err(e) = result {
             self.reply(token, Err(e));
@@ -834,6 +974,7 @@ impl<M: Mailbox> Pool<M> {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn send<R: RngCore + CryptoRng>(
         &mut self,
         now: Instant,
@@ -842,6 +983,7 @@ impl<M: Mailbox> Pool<M> {
         token: RequestToken,
         queue_uri: &str,
         body: Zeroizing<Vec<u8>>,
+        wait: bool,
     ) -> Result<(), PoolError> {
         if body.len() > MAX_BODY_LEN {
             return Err(PoolError::InvalidArgument(format!(
@@ -889,10 +1031,20 @@ impl<M: Mailbox> Pool<M> {
                     .to_owned(),
             ));
         }
-        self.charge(token, &key, app, Budget::Send)?;
+        if wait && self.charges.contains_key(&token) {
+            return Err(PoolError::InvalidArgument(format!(
+                "request token {} is already in use",
+                token.0
+            )));
+        }
+        // A message is charged to its app's budget on the server until it is sent or fails,
+        // whether or not the app waits for that.
+        if let Some(s) = self.servers.get_mut(&key) {
+            s.charge(app, Budget::Send);
+        }
         let sender = self
             .senders
-            .entry(dest)
+            .entry(dest.clone())
             .or_insert_with(|| SndQueue::new(rng, &uri, recipient));
         if !sender.matches(&recipient) {
             // A stale or wrong URI was used first, and nothing of it reached the recipient.
@@ -905,19 +1057,84 @@ impl<M: Mailbox> Pool<M> {
         let seq = self.next_seq;
         self.next_seq += 1;
         let envelope_seq = sender.next_envelope_seq();
+        // Write-ahead: the sender's keys and seq counter and the message reach the journal
+        // before the reply and before anything of them reaches the server.
+        self.mailbox.save_sender(&sender.save(&dest));
+        self.mailbox.enqueue(&SavedMessage {
+            id: seq,
+            server: key.clone(),
+            sender_id: dest.sender_id.clone(),
+            app: app.to_owned(),
+            envelope_seq,
+            body: body.clone(),
+        });
         sender.outbox.push_back(OutMsg {
             seq,
             envelope_seq,
             maybe_stored: false,
-            token,
+            token: wait.then_some(token),
             app: app.to_owned(),
             body,
             state: OutState::Queued,
             retries: 0,
             queued_at: now,
         });
+        if !wait {
+            self.actions.push_back(Action::Reply {
+                token,
+                result: Ok(PoolReply::Queued {
+                    message_id: seq.to_string(),
+                }),
+            });
+        }
         self.connect_or_run(now, rng, &key);
         Ok(())
+    }
+
+    /// A message left its outbox: the server accepted it, or it failed for good. Frees its
+    /// budget, records the outcome in the journal and tells the app.
+    fn finish_message(&mut self, server: &ServerKey, msg: OutMsg, result: Result<(), PoolError>) {
+        if let Some(s) = self.servers.get_mut(server) {
+            s.release(&msg.app, Budget::Send);
+        }
+        let message_id = msg.seq.to_string();
+        let outcome = match &result {
+            Ok(()) => MessageOutcome::Sent,
+            Err(e) => MessageOutcome::Failed(e.to_string()),
+        };
+        self.mailbox.message_finished(msg.seq, &outcome);
+        let event = match outcome {
+            MessageOutcome::Sent => PoolEvent::MessageSent {
+                app: msg.app.clone(),
+                message_id: message_id.clone(),
+            },
+            MessageOutcome::Failed(reason) => PoolEvent::MessageFailed {
+                app: msg.app.clone(),
+                message_id: message_id.clone(),
+                reason,
+            },
+        };
+        self.actions.push_back(Action::Event(event));
+        if let Some(token) = msg.token {
+            let result = result.map(|()| PoolReply::Sent { message_id });
+            self.actions.push_back(Action::Reply { token, result });
+        }
+    }
+
+    /// Journals a sender entry whose durable state (secured, confirmation) may have changed.
+    fn journal_sender(&mut self, dest: &DestKey, before: (bool, u8)) {
+        if let Some(s) = self.senders.get(dest)
+            && s.journal_state() != before
+        {
+            self.mailbox.save_sender(&s.save(dest));
+        }
+    }
+
+    /// The durable state of a sender entry, to see whether it changed.
+    fn sender_state(&self, dest: &DestKey) -> (bool, u8) {
+        self.senders
+            .get(dest)
+            .map_or((false, 0), SndQueue::journal_state)
     }
 
     /// Charges a request the pool accepted to `app`'s budget on `key`, until its reply.
@@ -1474,7 +1691,13 @@ impl<M: Mailbox> Pool<M> {
                 Ok(_) => {
                     s.outbox[i].state = OutState::InFlight(kind);
                     in_flight += 1;
-                    if alone || matches!(kind, SendKind::Confirmation { .. }) {
+                    if matches!(kind, SendKind::Confirmation { .. }) {
+                        // From now on a restart must assume the recipient may have our key:
+                        // the journal hears of it before the block leaves.
+                        self.mailbox.save_sender(&s.save(dest));
+                        break;
+                    }
+                    if alone {
                         break;
                     }
                 }
@@ -1807,7 +2030,10 @@ impl<M: Mailbox> Pool<M> {
             Pending::Key { queue_id } => {
                 if let Some(q) = self.queues.get_mut(&queue_id) {
                     match result {
-                        Ok(_) => q.secured = true,
+                        Ok(_) => {
+                            q.secured = true;
+                            self.mailbox.save_queue(&q.save(&queue_id));
+                        }
                         Err(e) => q.last_error = Some(format!("KEY: {e}")),
                     }
                 }
@@ -1905,6 +2131,7 @@ impl<M: Mailbox> Pool<M> {
         };
         let info = self.info(&queue_id, &queue);
         tracing::debug!(server = %key, %queue_id, app = %queue.app, "queue created");
+        self.mailbox.save_queue(&queue.save(&queue_id));
         self.queues.insert(queue_id, queue);
         if let Some(s) = self.servers.get_mut(key) {
             s.live_queues += 1;
@@ -1932,7 +2159,14 @@ impl<M: Mailbox> Pool<M> {
         let mut secure_with = None;
         let before = self.mailbox.count(&queue_id);
         let before_bytes = self.mailbox.waiting_bytes(&queue_id);
-        match q.open(msg_id, body) {
+        let had_secret = q.e2e_secret.is_some();
+        let opened = q.open(msg_id, body);
+        if !had_secret && q.e2e_secret.is_some() {
+            // The sender's confirmation set the e2e secret: without it the messages after a
+            // restart could not be opened. Journaled before this MSG is ACKed.
+            self.mailbox.save_queue(&q.save(&queue_id));
+        }
+        match opened {
             Opened::Quota => {}
             Opened::SecondConfirmation => {
                 tracing::warn!(
@@ -1996,6 +2230,7 @@ impl<M: Mailbox> Pool<M> {
         if let Some(k) = secure_with {
             let command = Command::Key(k.to_spki());
             q.sender_key = Some(*k);
+            self.mailbox.save_queue(&q.save(&queue_id));
             self.queue_command(now, rng, key, &queue_id, &command);
         }
         let after = self.usage(&queue_id);
@@ -2024,6 +2259,7 @@ impl<M: Mailbox> Pool<M> {
         dest: &DestKey,
         result: Result<Response, CommandError>,
     ) {
+        let before = self.sender_state(dest);
         let Some(s) = self.senders.get_mut(dest) else {
             return;
         };
@@ -2040,6 +2276,7 @@ impl<M: Mailbox> Pool<M> {
                 self.fail_outbox(dest, &error);
             }
         }
+        self.journal_sender(dest, before);
         self.pump(now, rng, dest);
     }
 
@@ -2051,6 +2288,7 @@ impl<M: Mailbox> Pool<M> {
         seq: u64,
         result: Result<Response, CommandError>,
     ) {
+        let before = self.sender_state(dest);
         let Some(s) = self.senders.get_mut(dest) else {
             return;
         };
@@ -2069,12 +2307,7 @@ impl<M: Mailbox> Pool<M> {
                 }
                 s.cautious = false;
                 if let Some(msg) = s.outbox.remove(pos) {
-                    self.reply(
-                        msg.token,
-                        Ok(PoolReply::Sent {
-                            message_id: msg.seq.to_string(),
-                        }),
-                    );
+                    self.finish_message(&dest.server, msg, Ok(()));
                 }
                 None
             }
@@ -2130,6 +2363,7 @@ impl<M: Mailbox> Pool<M> {
             let error = PoolError::upstream(&dest.server, reason);
             self.fail_message(dest, seq, error);
         }
+        self.journal_sender(dest, before);
         self.pump(now, rng, dest);
     }
 
@@ -2214,7 +2448,7 @@ impl<M: Mailbox> Pool<M> {
             return;
         };
         for msg in std::mem::take(&mut s.outbox) {
-            self.reply(msg.token, Err(error.clone()));
+            self.finish_message(&dest.server, msg, Err(error.clone()));
         }
         self.drop_sender_if_unused(dest);
     }
@@ -2224,7 +2458,7 @@ impl<M: Mailbox> Pool<M> {
             return;
         };
         if let Some(msg) = s.position(seq).and_then(|p| s.outbox.remove(p)) {
-            self.reply(msg.token, Err(error));
+            self.finish_message(&dest.server, msg, Err(error));
         }
         self.drop_sender_if_unused(dest);
     }
@@ -2236,6 +2470,7 @@ impl<M: Mailbox> Pool<M> {
             return;
         }
         if let Some(s) = self.senders.remove(dest) {
+            self.mailbox.forget_sender(&dest.server, &dest.sender_id);
             for app in &s.apps {
                 if let Some(n) = self.app_senders.get_mut(app) {
                     *n = n.saturating_sub(1);

@@ -5,6 +5,8 @@ use muxd_smp::e2e::{self, ClientMsgEnvelope, PrivHeader, RcvMsgBody};
 use muxd_smp::keys::{DhSecret, Ed25519SecretKey, PublicKey, X25519SecretKey};
 
 use crate::envelope::SeqWindow;
+use crate::error::PoolError;
+use crate::persist::{Reader, SavedQueue, Writer};
 use crate::request::{RequestToken, Subscription};
 use crate::server::ServerKey;
 
@@ -121,5 +123,70 @@ impl RcvQueue {
             body: message.body,
             secure_with,
         }
+    }
+}
+
+impl RcvQueue {
+    /// The queue as a store keeps it ([`crate::Mailbox::save_queue`]).
+    pub(crate) fn save(&self, queue_id: &str) -> SavedQueue {
+        let w = Writer::new()
+            .auth(&self.rcv_auth)
+            .key(self.rcv_dh_secret.as_bytes())
+            .key(&self.e2e.to_bytes());
+        let w = match &self.e2e_secret {
+            Some(s) => w.u8(1).key(s.as_bytes()),
+            None => w.u8(0),
+        };
+        let w = match &self.sender_key {
+            Some(k) => w.u8(1).bytes(&k.to_spki()),
+            None => w.u8(0),
+        };
+        let secret = w
+            .u8(u8::from(self.secured))
+            .bytes(self.uri.as_bytes())
+            .finish();
+        SavedQueue {
+            queue_id: queue_id.to_owned(),
+            app: self.app.clone(),
+            server: self.server.clone(),
+            rcv_id: self.rcv_id.clone(),
+            secret,
+        }
+    }
+
+    /// A queue read back from a store; its subscription waits for the connection.
+    pub(crate) fn restore(saved: &SavedQueue) -> Result<Self, PoolError> {
+        let mut r = Reader::new(&saved.secret)?;
+        let rcv_auth = r.auth()?;
+        let rcv_dh_secret = r.dh()?;
+        let e2e = r.x25519()?;
+        let e2e_secret = if r.bool()? { Some(r.dh()?) } else { None };
+        let sender_key = if r.bool()? {
+            Some(r.public_key()?)
+        } else {
+            None
+        };
+        let secured = r.bool()?;
+        let uri = r.string()?;
+        r.finish()?;
+        Ok(Self {
+            app: saved.app.clone(),
+            server: saved.server.clone(),
+            rcv_id: saved.rcv_id.clone(),
+            rcv_auth,
+            rcv_dh_secret,
+            e2e,
+            e2e_secret,
+            sender_key,
+            secured,
+            uri,
+            subscription: Subscription::Pending,
+            last_error: None,
+            delivered: SeqWindow::new(),
+            duplicates_suppressed: 0,
+            malformed_rejected: 0,
+            confirmations_rejected: 0,
+            held_ack: None,
+        })
     }
 }

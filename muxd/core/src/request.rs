@@ -39,6 +39,9 @@ pub enum PoolRequest {
         queue_uri: String,
         /// The message; at most [`crate::MAX_BODY_LEN`] bytes.
         body: Vec<u8>,
+        /// Answer only once the server accepted the message ([`PoolReply::Sent`]) instead
+        /// of as soon as the pool has it ([`PoolReply::Queued`]).
+        wait: bool,
     },
 }
 
@@ -54,10 +57,15 @@ impl fmt::Debug for PoolRequest {
                 .debug_struct("DeleteQueue")
                 .field("queue_id", queue_id)
                 .finish(),
-            Self::Send { queue_uri, body } => f
+            Self::Send {
+                queue_uri,
+                body,
+                wait,
+            } => f
                 .debug_struct("Send")
                 .field("queue_uri", &redact_address(queue_uri))
                 .field("body_len", &body.len())
+                .field("wait", wait)
                 .finish(),
         }
     }
@@ -73,6 +81,13 @@ pub enum PoolReply {
     Deleted,
     /// The server accepted the message.
     Sent {
+        /// The pool's id for the message.
+        message_id: String,
+    },
+    /// The pool has the message (and the journal has it, see [`crate::Mailbox::enqueue`]);
+    /// it goes out when the server is reachable. Its outcome arrives as
+    /// [`PoolEvent::MessageSent`] or [`PoolEvent::MessageFailed`].
+    Queued {
         /// The pool's id for the message.
         message_id: String,
     },
@@ -191,6 +206,22 @@ pub enum PoolEvent {
         queue_id: String,
         /// The new state.
         subscription: Subscription,
+    },
+    /// The server accepted a message an app handed over.
+    MessageSent {
+        /// The sender.
+        app: String,
+        /// The pool's id for the message.
+        message_id: String,
+    },
+    /// A message will never be sent (it expired, or the destination refused it for good).
+    MessageFailed {
+        /// The sender.
+        app: String,
+        /// The pool's id for the message.
+        message_id: String,
+        /// Why.
+        reason: String,
     },
     /// A server's connection changed state.
     ServerChanged {

@@ -15,6 +15,8 @@ use rand_core::{CryptoRng, RngCore};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::envelope::Envelope;
+use crate::error::PoolError;
+use crate::persist::{Reader, SavedSender, Writer};
 use crate::request::RequestToken;
 use crate::server::ServerKey;
 
@@ -74,7 +76,9 @@ pub(crate) struct OutMsg {
     /// An earlier attempt's outcome is unknown (the connection died or the command timed
     /// out before the answer): the server may hold a copy.
     pub(crate) maybe_stored: bool,
-    pub(crate) token: RequestToken,
+    /// The request to answer when the server accepted it, when the app asked to wait for
+    /// that; otherwise the app got `queued` at once and learns the outcome from events.
+    pub(crate) token: Option<RequestToken>,
     /// The app that sent it; its budget on the server pays for it.
     pub(crate) app: String,
     /// The plaintext, wiped when the message is dropped.
@@ -291,6 +295,102 @@ impl SndQueue {
     }
 }
 
+impl SndQueue {
+    /// The entry as a store keeps it ([`crate::Mailbox::save_sender`]). A confirmation or
+    /// SKEY on the wire is saved as what a restart must assume: the confirmation may have
+    /// arrived (`Unknown`), the SKEY is simply sent again (it is idempotent).
+    pub(crate) fn save(&self, dest: &DestKey) -> SavedSender {
+        let (secured, confirmation) = self.journal_state();
+        let mut w = Writer::new()
+            .key(self.recipient_e2e.as_bytes())
+            .u16(self.client_version)
+            .u8(u8::from(self.messaging))
+            .auth(&self.auth)
+            .key(&self.e2e.to_bytes())
+            .u8(u8::from(secured))
+            .u8(confirmation)
+            .u64(self.next_envelope_seq)
+            .u16(u16::try_from(self.apps.len()).unwrap_or(u16::MAX));
+        for app in self.apps.iter().take(usize::from(u16::MAX)) {
+            w = w.bytes(app.as_bytes());
+        }
+        SavedSender {
+            server: dest.server.clone(),
+            sender_id: dest.sender_id.clone(),
+            secret: w.finish(),
+        }
+    }
+
+    /// What of the entry's state a restart must know (secured, confirmation), as
+    /// [`Self::save`] writes it: a change means the entry must be saved again.
+    pub(crate) fn journal_state(&self) -> (bool, u8) {
+        let confirmation = match self.confirmation {
+            Confirmation::Confirmed => 2,
+            Confirmation::Unknown => 1,
+            Confirmation::NotSent
+                if self.outbox.iter().any(|m| {
+                    matches!(m.state, OutState::InFlight(SendKind::Confirmation { .. }))
+                }) =>
+            {
+                1
+            }
+            Confirmation::NotSent => 0,
+        };
+        (self.secured == Secured::Yes, confirmation)
+    }
+
+    /// An entry read back from a store, with an empty outbox.
+    pub(crate) fn restore(saved: &SavedSender) -> Result<Self, PoolError> {
+        let mut r = Reader::new(&saved.secret)?;
+        let recipient_e2e = r.x25519_public()?;
+        let client_version = r.u16()?;
+        let messaging = r.bool()?;
+        let auth = r.auth()?;
+        let e2e = r.x25519()?;
+        let secured = if r.bool()? { Secured::Yes } else { Secured::No };
+        let confirmation = match r.u8()? {
+            0 => Confirmation::NotSent,
+            1 => Confirmation::Unknown,
+            2 => Confirmation::Confirmed,
+            _ => {
+                return Err(PoolError::InvalidArgument(
+                    "stored state: bad confirmation state".to_owned(),
+                ));
+            }
+        };
+        let next_envelope_seq = r.u64()?;
+        let n = r.u16()?;
+        let mut apps = BTreeSet::new();
+        for _ in 0..n {
+            apps.insert(r.string()?);
+        }
+        r.finish()?;
+        let e2e_secret = e2e.diffie_hellman(&recipient_e2e);
+        Ok(Self {
+            recipient_e2e,
+            client_version,
+            messaging,
+            auth,
+            e2e,
+            e2e_secret,
+            secured,
+            confirmation,
+            outbox: VecDeque::new(),
+            cautious: false,
+            retry_at: None,
+            next_envelope_seq: next_envelope_seq.max(1),
+            apps,
+        })
+    }
+
+    /// After a restart: a message read back from the store goes to the end of the outbox.
+    /// Its seq was handed out before the restart, so the counter must already be past it.
+    pub(crate) fn restore_message(&mut self, msg: OutMsg) {
+        self.next_envelope_seq = self.next_envelope_seq.max(msg.envelope_seq + 1);
+        self.outbox.push_back(msg);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use muxd_smp::address::{SmpServer, VersionRange};
@@ -323,7 +423,7 @@ mod tests {
             seq: 100 + envelope_seq,
             envelope_seq,
             maybe_stored: false,
-            token: RequestToken(envelope_seq),
+            token: Some(RequestToken(envelope_seq)),
             app: "app".to_owned(),
             body: Zeroizing::new(Vec::new()),
             state: OutState::Queued,

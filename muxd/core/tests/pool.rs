@@ -29,6 +29,7 @@ fn send_request(uri: &str, body: &[u8]) -> PoolRequest {
     PoolRequest::Send {
         queue_uri: uri.to_owned(),
         body: body.to_vec(),
+        wait: true,
     }
 }
 

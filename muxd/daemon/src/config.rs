@@ -4,14 +4,21 @@
 //! Flags and environment arrive together through clap (each flag names its variable); the file
 //! is read here. Everything is checked while parsing, so the rest of the daemon only sees a
 //! valid [`Config`].
+//!
+//! One setting is deliberately environment-only: `MUXD_PASSPHRASE`. A flag would leave the
+//! passphrase in shell history and `ps` output, a file key would leave it on disk next to the
+//! store it protects.
 
 use std::ffi::OsString;
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use muxd_ipc_proto::default_socket_path;
+use muxd_queue_store::{DEFAULT_EXPIRY_MS, Passphrase, Unlock};
 use muxd_transport::{DEFAULT_USER_TIMEOUT, KeepAlive};
+use zeroize::Zeroizing;
 
 /// Bounds on the numeric keys. They keep a typo (an extra zero) from turning into a daemon that
 /// reserves gigabytes or never finishes shutting down.
@@ -26,6 +33,14 @@ const TCP_KEEPALIVE_PROBES_RANGE: (u64, u64) = (1, 127);
 const TCP_USER_TIMEOUT_MS_RANGE: (u64, u64) = (0, 3_600_000);
 // Below 100 ms the samples would only repeat the kernel's own smoothing at a cost.
 const RTT_SAMPLE_INTERVAL_MS_RANGE: (u64, u64) = (100, 3_600_000);
+// At least a second, so a unit typo (`7` meaning days, read as ms) fails loudly; at most a
+// year, past which an undelivered message is better reported failed than kept.
+const MESSAGE_TTL_MS_RANGE: (u64, u64) = (1_000, 365 * DAY_MS);
+const DAY_MS: u64 = 86_400_000;
+
+/// File names inside `data_dir` when `store` / `key_file` are not set.
+const STORE_FILE_NAME: &str = "muxd.redb";
+const KEY_FILE_NAME: &str = "muxd.key";
 
 /// Defaults, also printed by `muxd gen-config`.
 const DEFAULT_LOG_LEVEL: &str = "info";
@@ -64,12 +79,28 @@ pub struct Config {
     pub tcp_user_timeout: Option<Duration>,
     /// How often a connected upstream reports the kernel's RTT estimate; `None` never.
     pub rtt_sample_interval: Option<Duration>,
+    /// The daemon's state directory (`muxd init` creates it with mode 0700). Empty when
+    /// neither `XDG_STATE_HOME` nor `HOME` gives a default and none was configured; [`Config::load`]
+    /// refuses that.
+    pub data_dir: PathBuf,
+    /// The store's database file; default `<data_dir>/muxd.redb`.
+    pub store: PathBuf,
+    /// The key file protecting the store's data key; default `<data_dir>/muxd.key`. Unused in
+    /// passphrase mode.
+    pub key_file: PathBuf,
+    /// How long an outbound message may wait for its server before it fails.
+    pub message_ttl: Duration,
+    /// From `MUXD_PASSPHRASE`; when set, it unlocks the store instead of the key file.
+    passphrase: Option<SecretPassphrase>,
+    /// Whether `store` / `key_file` were set explicitly, rather than following `data_dir`.
+    store_is_explicit: bool,
+    key_file_is_explicit: bool,
 }
 
 impl Config {
     /// The built-in defaults for this environment.
     pub fn defaults(env: &Environment) -> Self {
-        Self {
+        let mut config = Self {
             socket: default_socket_path(
                 env.xdg_runtime_dir.as_deref(),
                 env.tmp_dir.clone(),
@@ -86,13 +117,66 @@ impl Config {
             tcp_keepalive: KeepAlive::default(),
             tcp_user_timeout: Some(DEFAULT_USER_TIMEOUT),
             rtt_sample_interval: Some(Duration::from_millis(DEFAULT_RTT_SAMPLE_INTERVAL_MS)),
+            data_dir: default_data_dir(env).unwrap_or_default(),
+            store: PathBuf::new(),
+            key_file: PathBuf::new(),
+            message_ttl: Duration::from_millis(DEFAULT_EXPIRY_MS),
+            passphrase: None,
+            store_is_explicit: false,
+            key_file_is_explicit: false,
+        };
+        config.derive_paths();
+        config
+    }
+
+    /// Points `store` and `key_file` into `data_dir` unless they were set explicitly.
+    fn derive_paths(&mut self) {
+        // With no data directory the derived paths stay empty; `load` reports that.
+        let dir = &self.data_dir;
+        let in_dir = |name: &str| {
+            if dir.as_os_str().is_empty() {
+                PathBuf::new()
+            } else {
+                dir.join(name)
+            }
+        };
+        if !self.store_is_explicit {
+            self.store = in_dir(STORE_FILE_NAME);
         }
+        if !self.key_file_is_explicit {
+            self.key_file = in_dir(KEY_FILE_NAME);
+        }
+    }
+
+    /// How the store is unlocked: the passphrase from `MUXD_PASSPHRASE` (Argon2id) if one was
+    /// given, else the key file.
+    pub fn unlock(&self) -> Unlock {
+        match &self.passphrase {
+            // A fresh copy per call: `Unlock` owns its passphrase and zeroizes it on drop.
+            Some(p) => Unlock::Passphrase(Passphrase::new(p.0.as_str().to_owned())),
+            None => Unlock::KeyFile(self.key_file.clone()),
+        }
+    }
+
+    /// Whether the store is unlocked with a passphrase rather than the key file.
+    pub fn uses_passphrase(&self) -> bool {
+        self.passphrase.is_some()
+    }
+
+    /// Sets (or with `None` clears) the passphrase that unlocks the store, as `MUXD_PASSPHRASE`
+    /// does; for programs that embed the daemon and for tests. An empty passphrase is refused.
+    pub fn set_passphrase(&mut self, passphrase: Option<String>) -> Result<(), ConfigError> {
+        self.passphrase = match passphrase {
+            Some(p) => Some(SecretPassphrase::new(p)?),
+            None => None,
+        };
+        Ok(())
     }
 
     /// Builds the configuration from the command line (which includes `MUXD_*` variables) and
     /// the config file it names, or the default file if that exists.
     pub fn load(args: &RunArgs, env: &Environment) -> Result<Self, ConfigError> {
-        let file_layer = match &args.config {
+        let file_layer = match &args.store_args.config {
             Some(path) => Some(read_file(path)?),
             None => match default_config_path(env) {
                 Some(path) if path.exists() => Some(read_file(&path)?),
@@ -108,7 +192,23 @@ impl Config {
             .notify_socket
             .clone()
             .filter(|p| !p.as_os_str().is_empty());
+        config.passphrase = env.passphrase.clone();
+        config.check_paths()?;
         Ok(config)
+    }
+
+    /// The checks that need every layer applied: a data directory must be known.
+    fn check_paths(&self) -> Result<(), ConfigError> {
+        if self.data_dir.as_os_str().is_empty()
+            && (!self.store_is_explicit || !self.key_file_is_explicit)
+        {
+            return Err(ConfigError::invalid(
+                "data_dir",
+                "(default)",
+                "neither XDG_STATE_HOME nor HOME is set; set data_dir (--data-dir, MUXD_DATA_DIR)",
+            ));
+        }
+        Ok(())
     }
 
     /// Parses a whole config file's text on top of the defaults (used by `gen-config` tests).
@@ -187,6 +287,41 @@ impl Config {
             )?;
             self.tcp_user_timeout = (ms > 0).then(|| Duration::from_millis(ms));
         }
+        if let Some(dir) = layer.data_dir {
+            if dir.as_os_str().is_empty() {
+                return Err(ConfigError::invalid(
+                    "data_dir",
+                    &origin,
+                    "must not be empty",
+                ));
+            }
+            self.data_dir = dir;
+        }
+        if let Some(store) = layer.store {
+            if store.as_os_str().is_empty() {
+                return Err(ConfigError::invalid("store", &origin, "must not be empty"));
+            }
+            self.store = store;
+            self.store_is_explicit = true;
+        }
+        if let Some(key_file) = layer.key_file {
+            if key_file.as_os_str().is_empty() {
+                return Err(ConfigError::invalid(
+                    "key_file",
+                    &origin,
+                    "must not be empty",
+                ));
+            }
+            self.key_file = key_file;
+            self.key_file_is_explicit = true;
+        }
+        if let Some(ttl) = layer.message_ttl {
+            let ms = parse_duration_ms(&ttl)
+                .map_err(|reason| ConfigError::invalid("message_ttl", &origin, reason))?;
+            let ms = in_range("message_ttl", &origin, ms, MESSAGE_TTL_MS_RANGE)?;
+            self.message_ttl = Duration::from_millis(ms);
+        }
+        self.derive_paths();
         if let Some(ms) = layer.rtt_sample_interval_ms {
             self.rtt_sample_interval = if ms == 0 {
                 None
@@ -227,6 +362,59 @@ impl LogFormat {
     }
 }
 
+/// The store passphrase while it sits in the configuration: zeroized when the last copy is
+/// dropped, shared rather than copied when the `Config` is cloned, and never printed.
+#[derive(Clone)]
+pub struct SecretPassphrase(Arc<Zeroizing<String>>);
+
+impl SecretPassphrase {
+    /// Wraps a passphrase; refuses an empty one (an unset-looking `MUXD_PASSPHRASE=` would
+    /// otherwise protect the store with nothing).
+    pub fn new(passphrase: String) -> Result<Self, ConfigError> {
+        let passphrase = Zeroizing::new(passphrase);
+        if passphrase.is_empty() {
+            return Err(ConfigError::Passphrase {
+                reason: "is set but empty",
+            });
+        }
+        Ok(Self(Arc::new(passphrase)))
+    }
+
+    /// Reads `MUXD_PASSPHRASE`: `Ok(None)` when unset.
+    fn from_process() -> Result<Option<Self>, ConfigError> {
+        match std::env::var_os(PASSPHRASE_VAR) {
+            None => Ok(None),
+            Some(value) => {
+                let value = value.into_string().map_err(|mut raw| {
+                    // Not kept: it may still be most of a secret.
+                    raw.clear();
+                    ConfigError::Passphrase {
+                        reason: "is not valid UTF-8",
+                    }
+                })?;
+                Self::new(value).map(Some)
+            }
+        }
+    }
+}
+
+impl fmt::Debug for SecretPassphrase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretPassphrase(<redacted>)")
+    }
+}
+
+impl PartialEq for SecretPassphrase {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
+}
+
+impl Eq for SecretPassphrase {}
+
+/// The environment variable holding the store passphrase.
+pub const PASSPHRASE_VAR: &str = "MUXD_PASSPHRASE";
+
 /// The process environment the configuration depends on, read once by `main` (tests build
 /// their own).
 #[derive(Clone, Debug)]
@@ -241,19 +429,38 @@ pub struct Environment {
     pub tmp_dir: PathBuf,
     /// The effective user id.
     pub euid: u32,
+    /// `XDG_STATE_HOME`.
+    pub xdg_state_home: Option<OsString>,
+    /// `MUXD_PASSPHRASE` (see [`PASSPHRASE_VAR`]).
+    pub passphrase: Option<SecretPassphrase>,
 }
 
 impl Environment {
-    /// Reads the variables of this process.
-    pub fn from_process() -> Self {
-        Self {
+    /// Reads the variables of this process. Fails only on an empty or non-UTF-8
+    /// `MUXD_PASSPHRASE`.
+    pub fn from_process() -> Result<Self, ConfigError> {
+        Ok(Self {
             xdg_runtime_dir: std::env::var_os("XDG_RUNTIME_DIR"),
             xdg_config_home: std::env::var_os("XDG_CONFIG_HOME"),
             home: std::env::var_os("HOME"),
             tmp_dir: std::env::temp_dir(),
             euid: crate::ipc::socket::effective_uid(),
-        }
+            xdg_state_home: std::env::var_os("XDG_STATE_HOME"),
+            passphrase: SecretPassphrase::from_process()?,
+        })
     }
+}
+
+/// `$XDG_STATE_HOME/muxd`, else `~/.local/state/muxd`. A relative `XDG_STATE_HOME` is ignored,
+/// as the XDG base directory specification requires.
+pub fn default_data_dir(env: &Environment) -> Option<PathBuf> {
+    let base = match &env.xdg_state_home {
+        Some(dir) if Path::new(dir).is_absolute() => PathBuf::from(dir),
+        _ => PathBuf::from(env.home.as_ref().filter(|h| !h.is_empty())?)
+            .join(".local")
+            .join("state"),
+    };
+    Some(base.join("muxd"))
 }
 
 /// `$XDG_CONFIG_HOME/muxd/muxd.toml`, else `~/.config/muxd/muxd.toml`.
@@ -265,14 +472,44 @@ pub fn default_config_path(env: &Environment) -> Option<PathBuf> {
     Some(base.join("muxd").join("muxd.toml"))
 }
 
+/// Flags that say where the config file and the store are: all that `muxd init` and
+/// `muxd restore` need, and part of `muxd run`'s flags.
+#[derive(Clone, Debug, Default, clap::Args)]
+#[deny(missing_docs)]
+pub struct StoreArgs {
+    /// Config file (TOML). Default: $XDG_CONFIG_HOME/muxd/muxd.toml or ~/.config/muxd/muxd.toml.
+    #[arg(long, env = "MUXD_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// State directory. Default: $XDG_STATE_HOME/muxd or ~/.local/state/muxd.
+    #[arg(long, env = "MUXD_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The store's database file. Default: <data-dir>/muxd.redb.
+    #[arg(long, env = "MUXD_STORE", value_name = "PATH")]
+    pub store: Option<PathBuf>,
+    /// The key file that protects the store (unless MUXD_PASSPHRASE is set). Default:
+    /// <data-dir>/muxd.key.
+    #[arg(long, env = "MUXD_KEY_FILE", value_name = "PATH")]
+    pub key_file: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    /// These flags as `muxd run`'s, the others unset, for [`Config::load`].
+    pub fn to_run_args(&self) -> RunArgs {
+        RunArgs {
+            store_args: self.clone(),
+            ..RunArgs::default()
+        }
+    }
+}
+
 /// Flags of `muxd run`. Each has an environment fallback, so the environment layer sits
 /// between the file and the flags.
 #[derive(Clone, Debug, Default, clap::Args)]
 #[deny(missing_docs)]
 pub struct RunArgs {
-    /// Config file (TOML). Default: $XDG_CONFIG_HOME/muxd/muxd.toml or ~/.config/muxd/muxd.toml.
-    #[arg(long, env = "MUXD_CONFIG", value_name = "PATH")]
-    pub config: Option<PathBuf>,
+    /// Config file and store location.
+    #[command(flatten)]
+    pub store_args: StoreArgs,
     /// Path of the IPC socket.
     #[arg(long, env = "MUXD_SOCKET", value_name = "PATH")]
     pub socket: Option<PathBuf>,
@@ -294,6 +531,10 @@ pub struct RunArgs {
     /// Default longest gap between two status events of a `watch`, in milliseconds.
     #[arg(long, env = "MUXD_WATCH_INTERVAL_MS", value_name = "MS")]
     pub watch_interval_ms: Option<u64>,
+    /// How long an outbound message may wait for its server before it fails: e.g. `7d`,
+    /// `12h`, `30m`, `90s`, or milliseconds.
+    #[arg(long, env = "MUXD_MESSAGE_TTL", value_name = "DURATION")]
+    pub message_ttl: Option<String>,
     /// systemd readiness socket; set by systemd for `Type=notify` units.
     #[arg(long, env = "NOTIFY_SOCKET", hide = true, value_name = "PATH")]
     pub notify_socket: Option<PathBuf>,
@@ -310,6 +551,10 @@ impl RunArgs {
             client_buffer_frames: self.client_buffer_frames,
             shutdown_grace_ms: self.shutdown_grace_ms,
             watch_interval_ms: self.watch_interval_ms,
+            data_dir: self.store_args.data_dir.clone(),
+            store: self.store_args.store.clone(),
+            key_file: self.store_args.key_file.clone(),
+            message_ttl: self.message_ttl.clone(),
             ..Layer::default()
         }
     }
@@ -332,6 +577,11 @@ struct Layer {
     tcp_keepalive_probes: Option<u64>,
     tcp_user_timeout_ms: Option<u64>,
     rtt_sample_interval_ms: Option<u64>,
+    data_dir: Option<PathBuf>,
+    store: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    /// A duration with a unit, or milliseconds (a TOML integer arrives as its digits).
+    message_ttl: Option<String>,
 }
 
 /// Why the configuration could not be built. The daemon exits with code 2 on any of these.
@@ -372,9 +622,20 @@ pub enum ConfigError {
         /// What is wrong with it.
         reason: String,
     },
+    /// `MUXD_PASSPHRASE` is unusable. The value itself is never part of the message.
+    #[error("{PASSPHRASE_VAR} {reason}")]
+    Passphrase {
+        /// What is wrong with it.
+        reason: &'static str,
+    },
 }
 
 impl ConfigError {
+    /// The process exit code for a configuration error: always 2.
+    pub fn exit_code(&self) -> u8 {
+        2
+    }
+
     fn invalid(key: &'static str, origin: &str, reason: impl ToString) -> Self {
         Self::Invalid {
             key,
@@ -384,7 +645,7 @@ impl ConfigError {
     }
 }
 
-const KNOWN_KEYS: [&str; 12] = [
+const KNOWN_KEYS: [&str; 16] = [
     "socket",
     "log_level",
     "log_format",
@@ -397,6 +658,10 @@ const KNOWN_KEYS: [&str; 12] = [
     "tcp_keepalive_probes",
     "tcp_user_timeout_ms",
     "rtt_sample_interval_ms",
+    "data_dir",
+    "store",
+    "key_file",
+    "message_ttl",
 ];
 
 fn in_range(
@@ -414,6 +679,38 @@ fn in_range(
             format!("{n} is out of range {lo}..={hi}"),
         ))
     }
+}
+
+/// Parses `7d`, `12h`, `30m`, `90s`, `250ms` or bare digits (milliseconds) into milliseconds.
+fn parse_duration_ms(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let bad = || format!("`{text}` is not a duration (e.g. `7d`, `12h`, `30m`, `90s`, `250ms`)");
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let scale = match unit.trim() {
+        "" | "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => DAY_MS,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("`{text}` is too long"))
+}
+
+/// The inverse of [`parse_duration_ms`], in the largest unit that is exact.
+fn format_duration(d: Duration) -> String {
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    for (unit, scale) in [("d", DAY_MS), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+        if ms >= scale && ms % scale == 0 {
+            return format!("{}{unit}", ms / scale);
+        }
+    }
+    format!("{ms}ms")
 }
 
 fn read_file(path: &Path) -> Result<Layer, ConfigError> {
@@ -473,6 +770,21 @@ fn parse_toml(text: &str, path: &Path) -> Result<Layer, ConfigError> {
                 layer.rtt_sample_interval_ms =
                     Some(int_value("rtt_sample_interval_ms", &origin, value)?);
             }
+            "data_dir" => {
+                layer.data_dir = Some(PathBuf::from(string_value("data_dir", &origin, value)?));
+            }
+            "store" => layer.store = Some(PathBuf::from(string_value("store", &origin, value)?)),
+            "key_file" => {
+                layer.key_file = Some(PathBuf::from(string_value("key_file", &origin, value)?));
+            }
+            "message_ttl" => {
+                layer.message_ttl = Some(match value {
+                    toml::Value::Integer(_) => {
+                        int_value("message_ttl", &origin, value)?.to_string()
+                    }
+                    other => string_value("message_ttl", &origin, other)?,
+                });
+            }
             _ => {
                 return Err(ConfigError::UnknownKey {
                     path: path.to_owned(),
@@ -514,11 +826,16 @@ fn int_value(key: &'static str, origin: &str, value: toml::Value) -> Result<u64,
 /// The text `muxd gen-config` prints: every key with its default and a comment. It parses back
 /// into the defaults.
 ///
-/// `socket` is printed commented out: its default is computed per user and machine, and a
-/// config file that pinned it would stop following `XDG_RUNTIME_DIR`.
+/// `socket`, `data_dir`, `store` and `key_file` are printed commented out: their defaults are
+/// computed per user and machine, and a config file that pinned them would stop following
+/// `XDG_RUNTIME_DIR` / `XDG_STATE_HOME`.
 pub fn generate_default_toml(env: &Environment) -> String {
     let d = Config::defaults(env);
-    let socket = toml::Value::String(d.socket.display().to_string());
+    let quoted = |p: &Path| toml::Value::String(p.display().to_string());
+    let socket = quoted(&d.socket);
+    let data_dir = quoted(&d.data_dir);
+    let store = quoted(&d.store);
+    let key_file = quoted(&d.key_file);
     let mut out = String::new();
     // Writing to a String cannot fail.
     let _ = write!(
@@ -568,6 +885,28 @@ tcp_user_timeout_ms = {user_timeout_ms}
 # Milliseconds between samples of the kernel's TCP round-trip estimate for the lag history
 # ({rtt_lo}..={rtt_hi}, or 0 for none).
 rtt_sample_interval_ms = {rtt_sample_interval_ms}
+
+# The state directory: the store and its key file live here. `muxd init` creates it with mode
+# 0700. Default $XDG_STATE_HOME/muxd, else ~/.local/state/muxd (shown as resolved for this
+# user). Env MUXD_DATA_DIR, flag --data-dir.
+# data_dir = {data_dir}
+
+# The store's database file (queued and received messages, queue records with sealed keys).
+# Default <data_dir>/muxd.redb. Env MUXD_STORE, flag --store.
+# store = {store}
+
+# The key file (mode 0600) that protects the store's secrets; `muxd init` creates it. Without
+# it the store cannot be opened: back it up, apart from the store. Default <data_dir>/muxd.key.
+# Env MUXD_KEY_FILE, flag --key-file.
+# Passphrase mode instead: set MUXD_PASSPHRASE in the environment of `muxd init`, `muxd run`
+# and `muxd restore` (it is never read from this file or a flag); the store is then protected
+# by the passphrase through Argon2id and no key file is used.
+# key_file = {key_file}
+
+# How long an outbound message may wait for its server before it fails with a `failed` event:
+# a number with a unit (d, h, m, s, ms) or plain milliseconds ({ttl_lo}..={ttl_hi}).
+# Env MUXD_MESSAGE_TTL, flag --message-ttl.
+message_ttl = \"{message_ttl}\"
 ",
         log_level = d.log_level,
         log_format = d.log_format.as_str(),
@@ -580,6 +919,9 @@ rtt_sample_interval_ms = {rtt_sample_interval_ms}
         ka_probes = d.tcp_keepalive.retries,
         user_timeout_ms = d.tcp_user_timeout.map_or(0, |t| t.as_millis()),
         rtt_sample_interval_ms = d.rtt_sample_interval.map_or(0, |t| t.as_millis()),
+        message_ttl = format_duration(d.message_ttl),
+        ttl_lo = format_duration(Duration::from_millis(MESSAGE_TTL_MS_RANGE.0)),
+        ttl_hi = format_duration(Duration::from_millis(MESSAGE_TTL_MS_RANGE.1)),
         ut_lo = TCP_USER_TIMEOUT_MS_RANGE.0,
         ut_hi = TCP_USER_TIMEOUT_MS_RANGE.1,
         rtt_lo = RTT_SAMPLE_INTERVAL_MS_RANGE.0,
@@ -607,6 +949,8 @@ mod tests {
             home: Some("/home/u".into()),
             tmp_dir: "/tmp".into(),
             euid: 1000,
+            xdg_state_home: None,
+            passphrase: None,
         }
     }
 
@@ -633,7 +977,10 @@ mod tests {
         )
         .unwrap();
         let args = RunArgs {
-            config: Some(path),
+            store_args: StoreArgs {
+                config: Some(path),
+                ..StoreArgs::default()
+            },
             max_clients: Some(7),
             ..RunArgs::default()
         };
@@ -705,5 +1052,166 @@ mod tests {
         );
         e.xdg_config_home = Some("/cfg".into());
         assert_eq!(default_config_path(&e), Some("/cfg/muxd/muxd.toml".into()));
+    }
+
+    #[test]
+    fn store_paths_follow_the_data_dir() {
+        let d = Config::defaults(&env());
+        assert_eq!(d.data_dir, PathBuf::from("/home/u/.local/state/muxd"));
+        assert_eq!(
+            d.store,
+            PathBuf::from("/home/u/.local/state/muxd/muxd.redb")
+        );
+        assert_eq!(
+            d.key_file,
+            PathBuf::from("/home/u/.local/state/muxd/muxd.key")
+        );
+        assert_eq!(d.message_ttl, Duration::from_secs(7 * 86_400));
+        assert!(!d.uses_passphrase());
+        assert!(matches!(d.unlock(), Unlock::KeyFile(p) if p == d.key_file));
+
+        let mut e = env();
+        e.xdg_state_home = Some("/state".into());
+        assert_eq!(
+            Config::defaults(&e).store,
+            PathBuf::from("/state/muxd/muxd.redb")
+        );
+        // The XDG spec says a relative value is to be ignored.
+        e.xdg_state_home = Some("rel/state".into());
+        assert_eq!(
+            Config::defaults(&e).data_dir,
+            PathBuf::from("/home/u/.local/state/muxd")
+        );
+
+        // The file moves the data dir and pins the key file; a flag moves the data dir again:
+        // the store follows the last data dir, the pinned key file stays.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("muxd.toml");
+        std::fs::write(&path, "data_dir = \"/a\"\nkey_file = \"/keys/k\"\n").unwrap();
+        let mut args = StoreArgs {
+            config: Some(path),
+            ..StoreArgs::default()
+        }
+        .to_run_args();
+        let c = Config::load(&args, &env()).unwrap();
+        assert_eq!(
+            (c.store.as_path(), c.key_file.as_path()),
+            (Path::new("/a/muxd.redb"), Path::new("/keys/k"))
+        );
+        args.store_args.data_dir = Some("/b".into());
+        let c = Config::load(&args, &env()).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/b"));
+        assert_eq!(
+            (c.store.as_path(), c.key_file.as_path()),
+            (Path::new("/b/muxd.redb"), Path::new("/keys/k"))
+        );
+        args.store_args.store = Some("/c/s.redb".into());
+        assert_eq!(
+            Config::load(&args, &env()).unwrap().store,
+            PathBuf::from("/c/s.redb")
+        );
+    }
+
+    #[test]
+    fn no_home_and_no_data_dir_is_an_error() {
+        let mut e = env();
+        e.home = None;
+        let args = RunArgs::default();
+        let err = Config::load(&args, &e).unwrap_err().to_string();
+        assert!(err.contains("`data_dir`"), "{err}");
+        let mut args = RunArgs::default();
+        args.store_args.data_dir = Some("/d".into());
+        assert_eq!(
+            Config::load(&args, &e).unwrap().store,
+            PathBuf::from("/d/muxd.redb")
+        );
+    }
+
+    #[test]
+    fn message_ttl_takes_units_or_milliseconds() {
+        for (text, ms) in [
+            ("message_ttl = \"2d\"", 2 * DAY_MS),
+            ("message_ttl = \"12h\"", 12 * 3_600_000),
+            ("message_ttl = \"30m\"", 1_800_000),
+            ("message_ttl = \"90s\"", 90_000),
+            ("message_ttl = \"1500ms\"", 1_500),
+            ("message_ttl = 60000", 60_000),
+            ("message_ttl = \"60000\"", 60_000),
+        ] {
+            let c = Config::from_toml(text, &env()).unwrap();
+            assert_eq!(c.message_ttl, Duration::from_millis(ms), "{text}");
+        }
+        for bad in [
+            "message_ttl = \"7 days\"",
+            "message_ttl = \"d\"",
+            "message_ttl = \"\"",
+            "message_ttl = 5",
+            "message_ttl = \"366d\"",
+            "message_ttl = -1",
+            "message_ttl = \"99999999999999999999d\"",
+            "message_ttl = true",
+        ] {
+            let err = Config::from_toml(bad, &env()).unwrap_err().to_string();
+            assert!(err.contains("`message_ttl`"), "{bad}: {err}");
+        }
+        // The flag / environment layer parses the same way and names its origin.
+        let args = RunArgs {
+            message_ttl: Some("3h".into()),
+            ..RunArgs::default()
+        };
+        assert_eq!(
+            Config::load(&args, &env()).unwrap().message_ttl,
+            Duration::from_secs(3 * 3600)
+        );
+        let args = RunArgs {
+            message_ttl: Some("3 weeks".into()),
+            ..RunArgs::default()
+        };
+        let err = Config::load(&args, &env()).unwrap_err().to_string();
+        assert!(
+            err.contains("`message_ttl` (flag or MUXD_* environment)"),
+            "{err}"
+        );
+        assert_eq!(format_duration(Duration::from_millis(90_000)), "90s");
+        assert_eq!(format_duration(Duration::from_millis(1_500)), "1500ms");
+    }
+
+    #[test]
+    fn empty_paths_are_refused() {
+        for key in ["data_dir", "store", "key_file"] {
+            let err = Config::from_toml(&format!("{key} = \"\""), &env())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("`{key}`")), "{err}");
+        }
+    }
+
+    #[test]
+    fn passphrase_comes_from_the_environment_and_is_never_printed() {
+        let mut e = env();
+        e.passphrase = Some(SecretPassphrase::new("correct horse battery".into()).unwrap());
+        let c = Config::load(&RunArgs::default(), &e).unwrap();
+        assert!(c.uses_passphrase());
+        assert!(matches!(c.unlock(), Unlock::Passphrase(_)));
+        for text in [
+            format!("{c:?}"),
+            format!("{e:?}"),
+            format!("{:?}", c.unlock()),
+        ] {
+            assert!(!text.contains("horse"), "{text}");
+        }
+        assert!(format!("{c:?}").contains("redacted"));
+        // A file cannot set it.
+        let err = Config::from_toml("passphrase = \"x\"", &env()).unwrap_err();
+        assert!(matches!(err, ConfigError::UnknownKey { .. }), "{err}");
+        let err = SecretPassphrase::new(String::new())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "MUXD_PASSPHRASE is set but empty");
+        let mut c = Config::defaults(&env());
+        c.set_passphrase(Some("p".into())).unwrap();
+        assert!(c.uses_passphrase());
+        c.set_passphrase(None).unwrap();
+        assert!(matches!(c.unlock(), Unlock::KeyFile(_)));
     }
 }

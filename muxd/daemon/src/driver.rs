@@ -22,17 +22,18 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use muxd_core::{
-    Action, ConnState, LagSample, LagSource, Pool, PoolConfig, PoolError, PoolEvent, PoolReply,
-    PoolRequest, RequestToken, ServerKey, ServerStatus,
+    Action, ConnState, LagSample, LagSource, Pool, PoolError, PoolEvent, PoolReply, PoolRequest,
+    RequestToken, ServerKey, ServerStatus,
 };
 use muxd_ipc_proto::{
-    ErrorCode, ErrorFrame, Event, LagEvent, LagSummary, Op, QueueInfo, ReceivedMessage, Reply,
-    Request, Response, ServerMessage, StatusReport, UpstreamStatus,
+    ErrorCode, ErrorFrame, Event, LagEvent, LagSummary, MessageEvent, Op, QueueInfo,
+    ReceivedMessage, Reply, Request, Response, ServerMessage, StatusReport, UpstreamStatus,
 };
 use rand_chacha::ChaCha20Rng;
 use tokio::sync::mpsc;
 
 use crate::ipc::client::{ClientHandle, ClientId, Flush, SLOW_CONSUMER_BUDGET, SendError, encode};
+use crate::journal::Journal;
 use crate::shutdown::{ShutdownReason, ShutdownSignal};
 use crate::upstream::{UpstreamEvent, UpstreamEventKind, Upstreams};
 
@@ -51,6 +52,9 @@ const MAX_RECV_WAITERS_PER_CLIENT: usize = 32;
 /// Encoded bytes of messages one `recv` reply carries at most; the rest stay waiting for the
 /// next `recv`. Well under `MAX_FRAME_LEN` (1 MiB), leaving room for the reply's envelope.
 const RECV_REPLY_BUDGET: usize = 768 * 1024;
+
+/// Commands the drive loop takes per turn at most; they share the turn's one store commit.
+const COMMANDS_PER_TURN: usize = 64;
 
 /// The `lag` ping interval when the client names none (`ipc-proto` documents 1000 ms).
 const DEFAULT_LAG_INTERVAL: Duration = Duration::from_secs(1);
@@ -80,7 +84,12 @@ pub(crate) struct Hub {
     pid: u32,
     default_watch_interval: Duration,
     clients: BTreeMap<ClientId, Client>,
-    pool: Pool,
+    pool: Pool<Journal>,
+    /// Frames for clients held back until the journal's staged changes are committed: no
+    /// app hears of a change (`queued`, `done` of an ack) before it is durable.
+    held: VecDeque<(ClientId, bytes::Bytes)>,
+    /// How the store is unlocked, for `export` (the backup is protected the same way).
+    unlock: Option<muxd_queue_store::Unlock>,
     rng: ChaCha20Rng,
     next_token: u64,
     /// Pool requests in flight: who asked, and the id to answer with.
@@ -210,12 +219,27 @@ impl Waiters {
 }
 
 impl Hub {
+    /// A hub without a store (the unit tests).
+    #[cfg(test)]
     pub(crate) fn new(
         now: Instant,
         now_unix_ms: u64,
         pid: u32,
         default_watch_interval: Duration,
-        pool_config: PoolConfig,
+        pool_config: muxd_core::PoolConfig,
+        rng: ChaCha20Rng,
+    ) -> Self {
+        let pool = Pool::with_mailbox(pool_config, Journal::in_memory());
+        Self::with_pool(now, now_unix_ms, pid, default_watch_interval, pool, rng)
+    }
+
+    /// A hub around a pool restored from the store.
+    pub(crate) fn with_pool(
+        now: Instant,
+        now_unix_ms: u64,
+        pid: u32,
+        default_watch_interval: Duration,
+        pool: Pool<Journal>,
         rng: ChaCha20Rng,
     ) -> Self {
         Self {
@@ -224,7 +248,9 @@ impl Hub {
             pid,
             default_watch_interval,
             clients: BTreeMap::new(),
-            pool: Pool::new(pool_config),
+            pool,
+            held: VecDeque::new(),
+            unlock: None,
             rng,
             next_token: 1,
             pending: BTreeMap::new(),
@@ -338,9 +364,30 @@ impl Hub {
             .min()
     }
 
-    /// The next socket action of the pool (connect, transmit, disconnect).
+    /// The next socket action of the pool (connect, transmit, disconnect). None while the
+    /// journal has changes to commit: [`Self::flush`] first.
     pub(crate) fn poll_socket_action(&mut self) -> Option<Action> {
+        if self.pool.mailbox().dirty() {
+            return None;
+        }
         self.socket_actions.pop_front()
+    }
+
+    /// Commits what the journal staged (one durable transaction), then sends the frames
+    /// held back for it. On error nothing staged is durable and the held frames are
+    /// dropped: the caller stops the daemon, which resumes from the last commit.
+    pub(crate) fn flush(&mut self) -> Result<(), muxd_queue_store::StoreError> {
+        if self.pool.mailbox().dirty()
+            && let Err(e) = self.pool.mailbox_mut().commit()
+        {
+            self.held.clear();
+            self.socket_actions.clear();
+            return Err(e);
+        }
+        while let Some((client, frame)) = self.held.pop_front() {
+            self.deliver_frame(client, frame);
+        }
+        Ok(())
     }
 
     /// Whether a client asked for shutdown since the last call.
@@ -411,6 +458,7 @@ impl Hub {
             Op::Send {
                 queue_uri,
                 body_b64,
+                wait,
             } => {
                 let body = match base64::engine::general_purpose::STANDARD.decode(&body_b64) {
                     Ok(body) => body,
@@ -420,9 +468,28 @@ impl Hub {
                         return;
                     }
                 };
-                self.ask_pool(now, client, id, &app, PoolRequest::Send { queue_uri, body });
+                let request = PoolRequest::Send {
+                    queue_uri,
+                    body,
+                    wait,
+                };
+                self.ask_pool(now, client, id, &app, request);
                 return;
             }
+            Op::MessageStatus { message_id } => match self.message_status(&app, &message_id) {
+                Ok(reply) => reply,
+                Err(e) => {
+                    self.fail(client, id, &e);
+                    return;
+                }
+            },
+            Op::Export { path } => match self.export(&path) {
+                Ok(()) => Reply::Exported { path },
+                Err(e) => {
+                    self.fail(client, id, &e);
+                    return;
+                }
+            },
             Op::QueueList => Reply::Queues {
                 queues: self.pool.queues(&app).iter().map(queue_info).collect(),
             },
@@ -590,8 +657,98 @@ impl Hub {
             } => {
                 tracing::debug!(%app, %queue_id, subscription = subscription.as_str(), "queue subscription");
             }
+            PoolEvent::MessageSent { app, message_id } => {
+                self.message_event(&app, message_id, "sent", None);
+            }
+            PoolEvent::MessageFailed {
+                app,
+                message_id,
+                reason,
+            } => {
+                tracing::info!(%app, %message_id, %reason, "message failed");
+                self.message_event(&app, message_id, "failed", Some(reason));
+            }
             other => tracing::debug!(?other, "pool event"),
         }
+    }
+
+    /// Tells the app's watching connections what became of one of its messages.
+    fn message_event(&mut self, app: &str, message_id: String, state: &str, error: Option<String>) {
+        let watching: Vec<ClientId> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.app == app && c.watch.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        if watching.is_empty() {
+            return;
+        }
+        let msg = ServerMessage::Event(Event::Message(MessageEvent {
+            message_id,
+            state: state.to_owned(),
+            error,
+        }));
+        for client in watching {
+            self.deliver(client, &msg);
+        }
+    }
+
+    /// Where one of the app's messages is: the pool knows those it still has, the store
+    /// those that finished.
+    fn message_status(&self, app: &str, message_id: &str) -> Result<Reply, PoolError> {
+        let not_found = || PoolError::NotFound(format!("message {message_id}"));
+        let id: u64 = message_id.parse().map_err(|_| not_found())?;
+        if let Some(state) = self.pool.message_state(app, id) {
+            return Ok(Reply::MessageStatus {
+                message_id: message_id.to_owned(),
+                state: state.to_owned(),
+                error: None,
+            });
+        }
+        let store = self.pool.mailbox().store().ok_or_else(not_found)?;
+        let status = store
+            .state(muxd_queue_store::OutboundId(id))
+            .map_err(|e| PoolError::Internal(format!("store: {e}")))?
+            .filter(|s| s.app == app)
+            .ok_or_else(not_found)?;
+        let state = match status.state {
+            muxd_queue_store::MessageState::Queued => "queued",
+            muxd_queue_store::MessageState::Sending => "sending",
+            muxd_queue_store::MessageState::Sent => "sent",
+            _ => "failed",
+        };
+        Ok(Reply::MessageStatus {
+            message_id: message_id.to_owned(),
+            state: state.to_owned(),
+            error: status.last_error,
+        })
+    }
+
+    /// How the store is unlocked; `export` protects backups the same way.
+    pub(crate) fn set_unlock(&mut self, unlock: muxd_queue_store::Unlock) {
+        self.unlock = Some(unlock);
+    }
+
+    /// Writes a sealed backup of the store (`muxctl export`).
+    fn export(&mut self, path: &str) -> Result<(), PoolError> {
+        let path = std::path::Path::new(path);
+        if !path.is_absolute() {
+            return Err(PoolError::InvalidArgument(
+                "export path must be absolute".to_owned(),
+            ));
+        }
+        // The backup must include what this turn staged.
+        self.flush()
+            .map_err(|e| PoolError::Internal(format!("store: {e}")))?;
+        let (Some(store), Some(unlock)) = (self.pool.mailbox().store(), self.unlock.as_ref())
+        else {
+            return Err(PoolError::InvalidArgument(
+                "this daemon runs without a store".to_owned(),
+            ));
+        };
+        store
+            .export(path, unlock)
+            .map_err(|e| PoolError::InvalidArgument(e.to_string()))
     }
 
     /// Answers a `recv` with what waits now (possibly nothing), oldest first, as many as fit
@@ -683,6 +840,11 @@ impl Hub {
         let Some(c) = self.clients.get(&client) else {
             return false;
         };
+        if self.pool.mailbox().dirty() || !self.held.is_empty() {
+            // Behind the commit, in order (see `flush`).
+            self.held.push_back((client, frame));
+            return true;
+        }
         match c.handle.send_frame(frame) {
             Ok(()) => true,
             Err(SendError::Full) => {
@@ -964,6 +1126,12 @@ fn ipc_reply(reply: PoolReply) -> Reply {
             message_id,
             state: "sent".to_owned(),
         },
+        // Durably queued (the reply waited for the journal's commit); it goes out when the
+        // server is reachable.
+        PoolReply::Queued { message_id } => Reply::Sent {
+            message_id,
+            state: "queued".to_owned(),
+        },
         other => {
             tracing::error!(?other, "pool reply this daemon does not know");
             Reply::Done
@@ -982,7 +1150,8 @@ enum Wake {
 }
 
 /// Runs the hub until shutdown starts (or every session sender is gone), then sends every
-/// client its `shutting_down` event and stops the upstream tasks.
+/// client its `shutting_down` event and stops the upstream tasks. Returns whether it stopped
+/// because the store could not commit.
 pub(crate) async fn drive(
     mut hub: Hub,
     mut commands: mpsc::Receiver<Command>,
@@ -991,8 +1160,9 @@ pub(crate) async fn drive(
     mut net_changes: mpsc::Receiver<()>,
     shutdown: ShutdownSignal,
     grace: Duration,
-) {
+) -> bool {
     let mut net_watch = true;
+    let mut store_failed = false;
     loop {
         let deadline = hub.poll_timeout();
         let sleep = async {
@@ -1030,13 +1200,29 @@ pub(crate) async fn drive(
             Wake::Command(Some(cmd)) => hub.handle_command(Instant::now(), cmd),
         }
         // The biased select above prefers upstream traffic; a busy server must not starve
-        // the apps, so every turn also takes one waiting command.
-        if !wake_was_command && let Ok(cmd) = commands.try_recv() {
+        // the apps, so every turn also takes waiting commands: up to a batch of them, which
+        // then share the turn's one commit (group commit of concurrent sends).
+        let extra = if wake_was_command {
+            COMMANDS_PER_TURN - 1
+        } else {
+            COMMANDS_PER_TURN
+        };
+        for _ in 0..extra {
+            let Ok(cmd) = commands.try_recv() else {
+                break;
+            };
             hub.handle_command(Instant::now(), cmd);
         }
         // A backlog that overflowed while carrying out the actions is news for the pool,
         // whose answer may be more actions.
         loop {
+            // Write-ahead: what the pool journaled becomes durable before any reply or
+            // block that depends on it leaves.
+            if let Err(e) = hub.flush() {
+                tracing::error!(error = %e, "cannot commit to the store; stopping");
+                store_failed = true;
+                break;
+            }
             while let Some(action) = hub.poll_socket_action() {
                 upstreams.execute(action);
             }
@@ -1045,9 +1231,17 @@ pub(crate) async fn drive(
             };
             hub.handle_upstream(Instant::now(), ev);
         }
+        if store_failed {
+            shutdown.trigger(ShutdownReason::StoreFailed);
+            break;
+        }
         if hub.poll_shutdown_request() {
             shutdown.trigger(ShutdownReason::Request);
         }
+    }
+    if !store_failed && let Err(e) = hub.flush() {
+        tracing::error!(error = %e, "cannot commit to the store at shutdown");
+        store_failed = true;
     }
     tracing::debug!(
         clients = hub.client_count(),
@@ -1055,6 +1249,7 @@ pub(crate) async fn drive(
     );
     hub.close_all(shutdown.reason(), grace);
     upstreams.close_all();
+    store_failed
 }
 
 #[cfg(test)]
@@ -1070,7 +1265,7 @@ mod tests {
             1_000_000,
             42,
             Duration::from_secs(1),
-            PoolConfig::default(),
+            muxd_core::PoolConfig::default(),
             ChaCha20Rng::seed_from_u64(7),
         )
     }
@@ -1324,6 +1519,7 @@ mod tests {
         let send = Op::Send {
             queue_uri: "smp://x".into(),
             body_b64: "not base64!".into(),
+            wait: false,
         };
         request(&mut hub, t0, 1, 3, send);
         let create = Op::QueueCreate {
@@ -1624,6 +1820,7 @@ mod tests {
                  MCowBQYDK2VuAyEAjiswwI3O_NlS8Fk3HJUW870EY2bAwmttMBsvRB9eV3o%3D"
             ),
             body_b64: "aGk=".into(),
+            wait: false,
         };
         request(&mut hub, t0, 1, 1, send);
         let Some(Action::Connect { server, .. }) = hub.poll_socket_action() else {

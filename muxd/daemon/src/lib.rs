@@ -13,7 +13,9 @@
 mod config;
 mod driver;
 mod ipc;
+mod journal;
 mod netwatch;
+mod setup;
 mod shutdown;
 mod upstream;
 
@@ -29,10 +31,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use crate::config::{
-    Config, ConfigError, Environment, LogFormat, RunArgs, default_config_path,
-    generate_default_toml,
+    Config, ConfigError, Environment, LogFormat, PASSPHRASE_VAR, RunArgs, SecretPassphrase,
+    StoreArgs, default_config_path, default_data_dir, generate_default_toml,
 };
 pub use crate::ipc::socket::SocketError;
+pub use crate::journal::{RestoreError, Restored};
+pub use crate::setup::{InitReport, RestoreReport, SetupError, init, open_store, restore};
 pub use crate::shutdown::{ShutdownReason, os_signal};
 
 /// Sessions' commands waiting for the driver. Sessions wait for room (they only slow their own
@@ -53,6 +57,16 @@ pub enum Error {
     /// The IPC socket could not be set up.
     #[error(transparent)]
     Socket(#[from] SocketError),
+    /// The store could not be opened or read back (the message names the file).
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// The store's contents could not be restored into the pool.
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+    /// The store failed while running; the daemon stopped without answering what was not
+    /// durable. A restart resumes from the last commit.
+    #[error("the store failed; stopped (restart resumes from the last commit)")]
+    StoreFailed,
 }
 
 impl Error {
@@ -60,7 +74,8 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Config(_) => 2,
-            Self::Socket(_) => 1,
+            Self::Setup(e) => e.exit_code(),
+            Self::Socket(_) | Self::Restore(_) | Self::StoreFailed => 1,
         }
     }
 }
@@ -126,15 +141,48 @@ pub async fn serve(
     let now_unix_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let hub = driver::Hub::new(
-        std::time::Instant::now(),
+    // Everything the apps handed over before a restart comes back before the socket serves:
+    // queues, their waiting messages, sender state and the messages still to send.
+    let started = std::time::Instant::now();
+    let opened = open_store(&config).map_err(Error::from).and_then(|store| {
+        let store = Arc::new(store);
+        let mut pool_config = muxd_core::PoolConfig::default();
+        pool_config.send_timeout = Some(config.message_ttl);
+        let restored = journal::Journal::restore(
+            Arc::clone(&store),
+            pool_config,
+            config.message_ttl,
+            started,
+        )?;
+        Ok((store, restored))
+    });
+    let (store, (mut pool, restored)) = match opened {
+        Ok(opened) => opened,
+        Err(e) => {
+            // Nothing was served: leave no socket behind for clients to find.
+            remove_socket(&path);
+            return Err(e);
+        }
+    };
+    tracing::info!(
+        store = %store.path().display(),
+        queues = restored.queues,
+        senders = restored.senders,
+        outbound = restored.outbound,
+        inbound = restored.inbound,
+        "store opened"
+    );
+    pool.resume(started);
+    let mut hub = driver::Hub::with_pool(
+        started,
         now_unix_ms,
         std::process::id(),
         config.watch_interval,
-        muxd_core::PoolConfig::default(),
+        pool,
         // Queue keys and nonces: seeded once from the OS CSPRNG.
         rand_chacha::ChaCha20Rng::from_entropy(),
     );
+    hub.set_unlock(config.unlock());
     let options = upstream::UpstreamOptions {
         connect: {
             let mut c = muxd_transport::ConnectOptions::default();
@@ -149,15 +197,42 @@ pub async fn serve(
     // One pending change is enough: later ones merge into it.
     let (net_tx, net_rx) = mpsc::channel(1);
     tracker.spawn(netwatch::run(net_tx, signal.token().clone()));
-    let driver = tokio::spawn(driver::drive(
-        hub,
-        command_rx,
-        upstreams,
-        upstream_rx,
-        net_rx,
-        signal.clone(),
-        config.shutdown_grace,
-    ));
+    // The driver commits to the store (fsync) in its loop, so it gets a thread of its own:
+    // a slow disk delays the driver, never the sessions' or the sockets' tasks.
+    let driver = {
+        let driver_signal = signal.clone();
+        let grace = config.shutdown_grace;
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("muxd-driver".to_owned())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build();
+                let failed = match runtime {
+                    Ok(rt) => rt.block_on(driver::drive(
+                        hub,
+                        command_rx,
+                        upstreams,
+                        upstream_rx,
+                        net_rx,
+                        driver_signal,
+                        grace,
+                    )),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start the driver's runtime");
+                        driver_signal.trigger(ShutdownReason::StoreFailed);
+                        true
+                    }
+                };
+                let _ = done_tx.send(failed);
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the driver thread");
+            signal.trigger(ShutdownReason::StoreFailed);
+        }
+        done_rx
+    };
     let server = ipc::server::Server {
         euid: ipc::socket::effective_uid(),
         slots: Arc::new(Semaphore::new(config.max_clients as usize)),
@@ -180,9 +255,13 @@ pub async fn serve(
     let reason = signal.reason();
     tracing::info!(%reason, "shutting down");
     // The driver sends every client its `shutting_down` event as it exits.
-    if let Err(e) = driver.await {
-        tracing::error!(error = %e, "driver task failed");
-    }
+    let store_failed = match driver.await {
+        Ok(failed) => failed,
+        Err(_) => {
+            tracing::error!("driver thread ended without a result");
+            true
+        }
+    };
     tracker.close();
     if tokio::time::timeout(config.shutdown_grace, tracker.wait())
         .await
@@ -199,6 +278,9 @@ pub async fn serve(
     }
     remove_socket(&path);
     tracing::info!("stopped");
+    if store_failed {
+        return Err(Error::StoreFailed);
+    }
     Ok(())
 }
 

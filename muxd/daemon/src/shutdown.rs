@@ -13,6 +13,9 @@ pub enum ShutdownReason {
     Signal,
     /// A client sent the `shutdown` request.
     Request,
+    /// The store could not commit: the daemon stops rather than answer without durability
+    /// (a restart resumes from the last commit).
+    StoreFailed,
 }
 
 impl ShutdownReason {
@@ -21,6 +24,7 @@ impl ShutdownReason {
         match self {
             Self::Signal => "signal",
             Self::Request => "request",
+            Self::StoreFailed => "store_failed",
         }
     }
 }

@@ -102,6 +102,8 @@ pub(crate) struct Upstreams {
     events: mpsc::Sender<UpstreamEvent>,
     options: UpstreamOptions,
     tracker: TaskTracker,
+    /// The daemon's main runtime: socket tasks run there, not on the driver's own thread.
+    runtime: tokio::runtime::Handle,
     /// Disconnects decided here (not by a task), for the driver to hand to the pool.
     local_events: VecDeque<UpstreamEvent>,
 }
@@ -127,6 +129,7 @@ struct Dial {
 
 impl Upstreams {
     /// Tasks report on `events`; `tracker` lets shutdown wait for them to close.
+    /// Must be called inside the runtime the socket tasks are to run on.
     pub(crate) fn new(
         events: mpsc::Sender<UpstreamEvent>,
         tracker: TaskTracker,
@@ -138,6 +141,7 @@ impl Upstreams {
             events,
             options,
             tracker,
+            runtime: tokio::runtime::Handle::current(),
             local_events: VecDeque::new(),
         }
     }
@@ -200,9 +204,10 @@ impl Upstreams {
             server: server.clone(),
             events: self.events.clone(),
         };
-        self.tracker.spawn(
+        self.tracker.spawn_on(
             task.run(dial, self.options.clone(), rx, cancel.clone())
                 .instrument(span),
+            &self.runtime,
         );
         let link = Link {
             conn,

@@ -40,10 +40,13 @@ async fn serve_until_the_shutdown_future_completes() {
         home: None,
         tmp_dir: dir.path().into(),
         euid: 0,
+        xdg_state_home: Some(dir.path().join("state").into()),
+        passphrase: None,
     };
     let mut config = Config::defaults(&env);
     config.socket = dir.path().join("in-process.sock");
     config.socket_is_default = false;
+    muxd::init(&config).unwrap();
     let socket = muxd::bind(&config).unwrap();
     let path = socket.path().to_owned();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

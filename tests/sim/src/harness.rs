@@ -202,6 +202,7 @@ impl Net {
             PoolRequest::Send {
                 queue_uri: uri.to_owned(),
                 body: body.to_vec(),
+                wait: true,
             },
         )
     }

@@ -205,6 +205,7 @@ impl Sim {
             PoolRequest::Send {
                 queue_uri: uri.to_owned(),
                 body: body.to_vec(),
+                wait: true,
             },
         )
     }
