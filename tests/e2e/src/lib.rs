@@ -116,10 +116,12 @@ pub struct DaemonBuilder {
     env: Vec<(OsString, OsString)>,
     config: Option<String>,
     socket: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    no_init: bool,
 }
 
 impl DaemonBuilder {
-    /// Adds command-line arguments after `muxd run --socket <path>`.
+    /// Adds command-line arguments after `muxd run --socket <path> --data-dir <dir>`.
     pub fn args<I, S>(mut self, args: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -129,7 +131,8 @@ impl DaemonBuilder {
         self
     }
 
-    /// Sets an environment variable for the daemon.
+    /// Sets an environment variable for the daemon (and for `muxd init`, if it is
+    /// `MUXD_PASSPHRASE`).
     pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
         self.env.push((key.into(), value.into()));
         self
@@ -147,6 +150,20 @@ impl DaemonBuilder {
         self
     }
 
+    /// Runs on this existing data directory (e.g. one `muxd restore` made) instead of a fresh
+    /// one, without `muxd init`.
+    pub fn data_dir(mut self, path: impl Into<PathBuf>) -> Self {
+        self.data_dir = Some(path.into());
+        self.no_init = true;
+        self
+    }
+
+    /// Skips `muxd init`: the data directory (`<tmp>/data`) does not exist at the first start.
+    pub fn no_init(mut self) -> Self {
+        self.no_init = true;
+        self
+    }
+
     /// Spawns the daemon and waits until it logs that it is listening.
     pub fn start(self) -> Daemon {
         let mut daemon = self.spawn();
@@ -160,46 +177,66 @@ impl DaemonBuilder {
             .prefix("muxd-e2e-")
             .tempdir()
             .unwrap();
-        let socket = self.socket.unwrap_or_else(|| dir.path().join("muxd.sock"));
+        let socket = self
+            .socket
+            .clone()
+            .unwrap_or_else(|| dir.path().join("muxd.sock"));
+        let data_dir = self
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("data"));
         let config_home = dir.path().join("config");
-        let runtime_dir = dir.path().join("runtime");
         std::fs::create_dir_all(config_home.join("muxd")).unwrap();
+        let mut daemon = Daemon {
+            child: None,
+            exited: None,
+            socket,
+            data_dir,
+            runs: 0,
+            args: self.args,
+            env: self.env,
+            dir,
+        };
+        if !self.no_init {
+            // Before the config file exists: these tests of `muxd run` do not configure init.
+            let out = daemon
+                .command("init")
+                .arg("--data-dir")
+                .arg(&daemon.data_dir)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "muxd init --data-dir {} failed ({}):\n{}{}",
+                daemon.data_dir.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         if let Some(text) = &self.config {
             std::fs::write(config_home.join("muxd").join("muxd.toml"), text).unwrap();
         }
-        let log_path = dir.path().join("muxd.log");
-        let log = File::create(&log_path).unwrap();
-        let mut cmd = Command::new(muxd_bin());
-        cmd.arg("run")
-            .arg("--socket")
-            .arg(&socket)
-            .args(&self.args)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("HOME", dir.path())
-            .env("XDG_CONFIG_HOME", &config_home)
-            .env("XDG_RUNTIME_DIR", &runtime_dir)
-            .env("MUXD_LOG", "debug")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        let child = cmd.spawn().unwrap();
-        Daemon {
-            child: Some(child),
-            socket,
-            log_path,
-            dir,
-        }
+        daemon.spawn_run();
+        daemon
     }
 }
 
-/// A running `muxd run` in its own temp directory; killed when dropped.
+/// A running `muxd run` in its own temp directory, with its own data directory (store and
+/// key file) that survives [`Daemon::restart`]; killed when dropped.
+///
+/// Each run logs (at debug level) to its own file, `muxd-<run>.log`: [`Daemon::log`] is the
+/// current run's, [`Daemon::logs`] all of them.
 #[derive(Debug)]
 pub struct Daemon {
     child: Option<Child>,
+    /// How the last run ended, once it has been reaped.
+    exited: Option<ExitStatus>,
     socket: PathBuf,
-    log_path: PathBuf,
+    data_dir: PathBuf,
+    runs: u32,
+    args: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
     dir: TempDir,
 }
 
@@ -214,6 +251,53 @@ impl Daemon {
         Self::builder().start()
     }
 
+    /// A `muxd <subcommand>` with this daemon's private environment (home, config, runtime
+    /// and state directories in its temp dir; debug logs). Only `MUXD_PASSPHRASE` of the
+    /// builder's environment is passed, so a subcommand other than `run` does not trip over
+    /// settings meant for `run`.
+    pub fn command(&self, subcommand: &str) -> Command {
+        let mut cmd = Command::new(muxd_bin());
+        cmd.arg(subcommand)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", self.dir.path())
+            .env("XDG_CONFIG_HOME", self.dir.path().join("config"))
+            .env("XDG_RUNTIME_DIR", self.dir.path().join("runtime"))
+            .env("XDG_STATE_HOME", self.dir.path().join("state"))
+            .env("MUXD_LOG", "debug")
+            .envs(
+                self.env
+                    .iter()
+                    .filter(|(k, _)| k == "MUXD_PASSPHRASE")
+                    .map(|(k, v)| (k, v)),
+            )
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn log_path_of(&self, run: u32) -> PathBuf {
+        self.dir.path().join(format!("muxd-{run}.log"))
+    }
+
+    /// Starts `muxd run` again on the same socket and data directory (the previous run must
+    /// have ended).
+    fn spawn_run(&mut self) {
+        assert!(self.child.is_none(), "muxd is still running");
+        self.runs += 1;
+        self.exited = None;
+        let log = File::create(self.log_path_of(self.runs)).unwrap();
+        let mut cmd = self.command("run");
+        cmd.arg("--socket")
+            .arg(&self.socket)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(log);
+        self.child = Some(cmd.spawn().unwrap());
+    }
+
     /// The socket path.
     pub fn socket(&self) -> &Path {
         &self.socket
@@ -224,14 +308,41 @@ impl Daemon {
         self.dir.path()
     }
 
-    /// The daemon's process id.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
+    /// The daemon's data directory (`muxd run --data-dir`).
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
     }
 
-    /// Everything the daemon wrote to stderr so far.
+    /// The store's database file in the data directory.
+    pub fn store_path(&self) -> PathBuf {
+        self.data_dir.join("muxd.redb")
+    }
+
+    /// The key file in the data directory.
+    pub fn key_file(&self) -> PathBuf {
+        self.data_dir.join("muxd.key")
+    }
+
+    /// How many times `muxd run` was started.
+    pub fn runs(&self) -> u32 {
+        self.runs
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("muxd is not running").id()
+    }
+
+    /// Everything the current run wrote to stderr so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+        std::fs::read_to_string(self.log_path_of(self.runs)).unwrap_or_default()
+    }
+
+    /// The logs of every run so far, oldest first.
+    pub fn logs(&self) -> String {
+        (1..=self.runs)
+            .map(|run| std::fs::read_to_string(self.log_path_of(run)).unwrap_or_default())
+            .collect()
     }
 
     /// Waits until the log contains `needle`; panics (with the log) after [`PATIENCE`].
@@ -256,13 +367,20 @@ impl Daemon {
         }
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits until the current run listens.
+    pub fn wait_ready(&mut self) {
         self.wait_for_log("listening on");
     }
 
     /// The exit status, if the daemon has exited.
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().unwrap().try_wait().unwrap()
+        if let Some(child) = self.child.as_mut()
+            && let Some(status) = child.try_wait().unwrap()
+        {
+            self.child = None;
+            self.exited = Some(status);
+        }
+        self.exited
     }
 
     /// Waits for the daemon to exit; panics after [`PATIENCE`].
@@ -290,6 +408,41 @@ impl Daemon {
         .unwrap();
     }
 
+    /// Stops the daemon gracefully (SIGTERM) and waits for it; panics unless it exits
+    /// successfully.
+    pub fn stop(&mut self) {
+        self.terminate();
+        let status = self.wait_exit();
+        assert!(
+            status.success(),
+            "muxd exited with {status}:\n{}",
+            self.log()
+        );
+    }
+
+    /// Kills the daemon at once (SIGKILL) and reaps it: no goodbye, no flush, whatever it was
+    /// doing. Does nothing if it is not running.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            self.exited = Some(child.wait().unwrap());
+        }
+    }
+
+    /// Kills the daemon if it runs (SIGKILL) and starts it again on the same socket and data
+    /// directory, without waiting for it.
+    pub fn respawn(&mut self) {
+        self.kill();
+        self.spawn_run();
+    }
+
+    /// Kills the daemon if it runs (SIGKILL) and starts it again on the same socket and data
+    /// directory; returns once it listens.
+    pub fn restart(&mut self) {
+        self.respawn();
+        self.wait_ready();
+    }
+
     /// Resident set size from `/proc/<pid>/status`, in KiB.
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
@@ -312,9 +465,17 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        self.kill();
+        if std::thread::panicking() {
+            // The daemon's side of a failed test; MUXD_E2E_KEEP=1 keeps the whole directory.
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(80)..].join("\n");
+            eprintln!("--- last lines of muxd run {} ---\n{tail}", self.runs);
+            if std::env::var_os("MUXD_E2E_KEEP").is_some() {
+                let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+                eprintln!("kept {}", dir.keep().display());
+            }
         }
     }
 }
@@ -637,6 +798,31 @@ impl RawClient {
             stream,
             decoder: FrameDecoder::new(),
             next_id: 1,
+        }
+    }
+
+    /// Connects, or says why not (for clients that outlive a daemon's restarts).
+    pub fn try_connect(path: &Path) -> io::Result<Self> {
+        let stream = UnixStream::connect(path)?;
+        stream.set_read_timeout(Some(PATIENCE))?;
+        Ok(Self {
+            stream,
+            decoder: FrameDecoder::new(),
+            next_id: 1,
+        })
+    }
+
+    /// Like [`Self::hello`], but a daemon that goes away (or answers something else) is an
+    /// error rather than a panic.
+    pub fn try_hello(&mut self, app: &str) -> Result<ServerHello, RecvError> {
+        self.send(&ClientMessage::Hello(ClientHello {
+            proto_version: PROTO_VERSION,
+            app: app.to_owned(),
+        }))
+        .map_err(|_| RecvError::Closed)?;
+        match self.recv()? {
+            ServerMessage::Hello(h) => Ok(h),
+            other => Err(RecvError::Decode(format!("expected hello, got {other:?}"))),
         }
     }
 

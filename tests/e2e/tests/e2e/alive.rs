@@ -37,7 +37,8 @@ fn wait_state(socket: &Path, patience: Duration, done: impl Fn(&str) -> bool) ->
 }
 
 /// `app` sends `prefix-0`, `prefix-1`, … to `uri` until `stop` is set, with up to `window`
-/// sends in flight, and waits for every one to be answered `sent`. Returns how many it sent.
+/// sends in flight, and waits for every one to be answered `queued` (durably accepted; the
+/// receiver checks delivery). Returns how many it sent.
 fn send_until(
     socket: &Path,
     app: &str,
@@ -53,10 +54,10 @@ fn send_until(
     let mut in_flight = 0;
     let expect_sent = |client: &mut RawClient| match client.recv_timeout(Duration::from_secs(60)) {
         Ok(ServerMessage::Response(Response {
-            reply: Reply::Sent { .. },
+            reply: Reply::Sent { state, .. },
             ..
-        })) => {}
-        other => panic!("{app}: expected `sent`, got {other:?}"),
+        })) => assert_eq!(state, "queued", "{app}"),
+        other => panic!("{app}: expected `queued`, got {other:?}"),
     };
     while !stop.load(Ordering::Acquire) {
         // Stay well inside the relay's per-queue quota (128) while the recipient catches up.
@@ -74,6 +75,7 @@ fn send_until(
             .send_request(Op::Send {
                 queue_uri: uri.to_owned(),
                 body_b64: body,
+                wait: false,
             })
             .unwrap();
         sent += 1;
@@ -421,6 +423,7 @@ fn a_blackholed_link_is_noticed_within_40_seconds() {
             bob.send_request(Op::Send {
                 queue_uri: q.uri.clone(),
                 body_b64: base64::engine::general_purpose::STANDARD.encode(format!("m-{sent}")),
+                wait: false,
             })
             .unwrap();
             sent += 1;

@@ -482,6 +482,18 @@ fn default_socket_dir_is_created_private() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = dir.path().join("runtime");
     std::fs::create_dir(&runtime).unwrap();
+    // The store at its default place too (`~/.local/state/muxd`), which `run` requires.
+    let init = Command::new(muxd_bin())
+        .arg("init")
+        .env_clear()
+        .env("HOME", dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "muxd init: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
     let mut child = Command::new(muxd_bin())
         .arg("run")
         .env_clear()

@@ -41,6 +41,7 @@ fn a_recv_of_more_than_a_frame_holds_is_split_across_recvs() {
         bob.send_request(Op::Send {
             queue_uri: q.uri.clone(),
             body_b64: base64::engine::general_purpose::STANDARD.encode(body(i)),
+            wait: false,
         })
         .unwrap();
     }
@@ -148,6 +149,7 @@ fn waiting_recvs_per_connection_are_capped() {
     let sent = bob.request(Op::Send {
         queue_uri: q.uri.clone(),
         body_b64: base64::engine::general_purpose::STANDARD.encode("hi"),
+        wait: false,
     });
     assert!(matches!(sent, ServerMessage::Response(_)), "{sent:?}");
     match alice.recv() {

@@ -9,3 +9,4 @@ mod hostile;
 mod muxctl;
 mod python;
 mod smp;
+mod store;

@@ -94,7 +94,8 @@ pub(crate) fn muxctl_recv(socket: &Path, app: &str, queue: &Queue, n: usize) -> 
 }
 
 /// Sends `prefix-0` … `prefix-(n-1)` to `uri` as `app`, keeping [`SEND_WINDOW`] in flight and
-/// at most [`MAX_UNREAD`] ahead of what the recipient has `received`.
+/// at most [`MAX_UNREAD`] ahead of what the recipient has `received`. Each send is answered
+/// `queued` once durable; the recipient's side checks that it arrived.
 fn send_all(socket: &Path, app: &str, uri: &str, prefix: &str, n: usize, received: &AtomicUsize) {
     let mut client = RawClient::connect(socket);
     client.hello(app);
@@ -104,8 +105,8 @@ fn send_all(socket: &Path, app: &str, uri: &str, prefix: &str, n: usize, receive
         Ok(ServerMessage::Response(Response {
             reply: Reply::Sent { state, .. },
             ..
-        })) => assert_eq!(state, "sent"),
-        other => panic!("{app}: expected `sent`, got {other:?}"),
+        })) => assert_eq!(state, "queued"),
+        other => panic!("{app}: expected `queued`, got {other:?}"),
     };
     for i in 0..n {
         loop {
@@ -129,6 +130,7 @@ fn send_all(socket: &Path, app: &str, uri: &str, prefix: &str, n: usize, receive
             .send_request(Op::Send {
                 queue_uri: uri.to_owned(),
                 body_b64: body,
+                wait: false,
             })
             .unwrap();
         in_flight += 1;
@@ -345,6 +347,8 @@ fn relay_restart_is_reported_and_a_send_during_the_outage_goes_out_after_it() {
         .send_request(Op::Send {
             queue_uri: q.uri.clone(),
             body_b64: base64::engine::general_purpose::STANDARD.encode("during"),
+            // Answered only once the server has it: the point of this test.
+            wait: true,
         })
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
@@ -365,11 +369,11 @@ fn relay_restart_is_reported_and_a_send_during_the_outage_goes_out_after_it() {
     };
     assert!(
         matches!(
-            reply,
+            &reply,
             ServerMessage::Response(Response {
-                reply: Reply::Sent { .. },
+                reply: Reply::Sent { state, .. },
                 ..
-            })
+            }) if state == "sent"
         ),
         "{reply:?}"
     );
@@ -406,6 +410,8 @@ fn a_stalled_server_does_not_hold_up_another() {
         bob.send_request(Op::Send {
             queue_uri: slow_q.uri.clone(),
             body_b64: base64::engine::general_purpose::STANDARD.encode(format!("slow-{i}")),
+            // Answered only once the server has it, so the blackhole shows as no answer.
+            wait: true,
         })
         .unwrap();
     }
@@ -436,9 +442,9 @@ fn a_stalled_server_does_not_hold_up_another() {
     for _ in 0..stalled {
         match bob.recv_timeout(Duration::from_secs(30)) {
             Ok(ServerMessage::Response(Response {
-                reply: Reply::Sent { .. },
+                reply: Reply::Sent { state, .. },
                 ..
-            })) => {}
+            })) if state == "sent" => {}
             other => panic!("expected `sent` after the blackhole, got {other:?}"),
         }
     }
