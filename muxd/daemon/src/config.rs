@@ -64,6 +64,8 @@ pub struct Config {
     pub tcp_user_timeout: Option<Duration>,
     /// How often a connected upstream reports the kernel's RTT estimate; `None` never.
     pub rtt_sample_interval: Option<Duration>,
+    /// GRP/1 relays: the `[grp]` table (`grp_config.rs`).
+    pub grp: crate::grp_config::GrpSettings,
 }
 
 impl Config {
@@ -86,6 +88,7 @@ impl Config {
             tcp_keepalive: KeepAlive::default(),
             tcp_user_timeout: Some(DEFAULT_USER_TIMEOUT),
             rtt_sample_interval: Some(Duration::from_millis(DEFAULT_RTT_SAMPLE_INTERVAL_MS)),
+            grp: crate::grp_config::GrpSettings::default(),
         }
     }
 
@@ -122,6 +125,9 @@ impl Config {
     /// Overrides fields with those `layer` sets, checking each value.
     fn apply(&mut self, layer: Layer) -> Result<(), ConfigError> {
         let origin = layer.origin;
+        if let Some(grp) = layer.grp {
+            self.grp = grp;
+        }
         if let Some(socket) = layer.socket {
             if socket.as_os_str().is_empty() {
                 return Err(ConfigError::invalid("socket", &origin, "must not be empty"));
@@ -332,6 +338,7 @@ struct Layer {
     tcp_keepalive_probes: Option<u64>,
     tcp_user_timeout_ms: Option<u64>,
     rtt_sample_interval_ms: Option<u64>,
+    grp: Option<crate::grp_config::GrpSettings>,
 }
 
 /// Why the configuration could not be built. The daemon exits with code 2 on any of these.
@@ -375,7 +382,7 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    fn invalid(key: &'static str, origin: &str, reason: impl ToString) -> Self {
+    pub(crate) fn invalid(key: &'static str, origin: &str, reason: impl ToString) -> Self {
         Self::Invalid {
             key,
             origin: origin.to_owned(),
@@ -384,7 +391,7 @@ impl ConfigError {
     }
 }
 
-const KNOWN_KEYS: [&str; 12] = [
+const KNOWN_KEYS: [&str; 13] = [
     "socket",
     "log_level",
     "log_format",
@@ -397,6 +404,7 @@ const KNOWN_KEYS: [&str; 12] = [
     "tcp_keepalive_probes",
     "tcp_user_timeout_ms",
     "rtt_sample_interval_ms",
+    "grp",
 ];
 
 fn in_range(
@@ -473,6 +481,7 @@ fn parse_toml(text: &str, path: &Path) -> Result<Layer, ConfigError> {
                 layer.rtt_sample_interval_ms =
                     Some(int_value("rtt_sample_interval_ms", &origin, value)?);
             }
+            "grp" => layer.grp = Some(crate::grp_config::parse(value, &origin)?),
             _ => {
                 return Err(ConfigError::UnknownKey {
                     path: path.to_owned(),

@@ -12,6 +12,8 @@
 
 mod config;
 mod driver;
+mod grp_config;
+mod grp_upstream;
 mod ipc;
 mod netwatch;
 mod shutdown;
@@ -32,6 +34,7 @@ pub use crate::config::{
     Config, ConfigError, Environment, LogFormat, RunArgs, default_config_path,
     generate_default_toml,
 };
+pub use crate::grp_config::GrpSettings;
 pub use crate::ipc::socket::SocketError;
 pub use crate::shutdown::{ShutdownReason, os_signal};
 
@@ -131,7 +134,11 @@ pub async fn serve(
         now_unix_ms,
         std::process::id(),
         config.watch_interval,
-        muxd_core::PoolConfig::default(),
+        {
+            let mut pool = muxd_core::PoolConfig::default();
+            pool.grp = config.grp.pool.clone();
+            pool
+        },
         // Queue keys and nonces: seeded once from the OS CSPRNG.
         rand_chacha::ChaCha20Rng::from_entropy(),
     );
@@ -144,6 +151,9 @@ pub async fn serve(
         },
         rtt_interval: config.rtt_sample_interval,
         max_backlog_blocks: upstream::DEFAULT_MAX_BACKLOG_BLOCKS,
+        grp: grp_upstream::GrpOptions {
+            max_delay: config.grp.max_delay,
+        },
     };
     let upstreams = upstream::Upstreams::new(upstream_tx, tracker.clone(), options);
     // One pending change is enough: later ones merge into it.

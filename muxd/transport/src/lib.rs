@@ -15,6 +15,7 @@
 //! `docs/tls.md` for the design and its deviations from the Haskell client.
 
 pub mod block;
+pub mod grp;
 mod error;
 pub mod server;
 pub mod tcp_info;
