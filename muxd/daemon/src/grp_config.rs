@@ -49,7 +49,11 @@ pub(crate) fn parse(value: toml::Value, origin: &str) -> Result<GrpSettings, Con
             ("relays", toml::Value::Array(items)) => {
                 for item in items {
                     let toml::Value::String(s) = item else {
-                        return Err(ConfigError::invalid("grp.relays", origin, "expected strings"));
+                        return Err(ConfigError::invalid(
+                            "grp.relays",
+                            origin,
+                            "expected strings",
+                        ));
                     };
                     check_address("grp.relays", origin, &s)?;
                     out.pool.relays.push(s);

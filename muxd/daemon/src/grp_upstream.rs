@@ -161,7 +161,10 @@ pub(crate) async fn run(
             .record_counts()
             .is_some()
             .then(|| counters_at + COUNTER_EVERY);
-        let wake = [conn.poll_timeout(), counters_due].into_iter().flatten().min();
+        let wake = [conn.poll_timeout(), counters_due]
+            .into_iter()
+            .flatten()
+            .min();
         let sleep = async {
             match wake {
                 Some(w) => tokio::time::sleep_until(tokio::time::Instant::from_std(w)).await,
@@ -209,8 +212,8 @@ pub(crate) async fn run(
 
 /// Resolves the relay's host and opens the carrier its scheme names.
 async fn open(server: &ServerKey) -> Result<(GrpCarrier, RelayAddress), String> {
-    let address = RelayAddress::from_str(server.address())
-        .map_err(|e| format!("GRP relay address: {e}"))?;
+    let address =
+        RelayAddress::from_str(server.address()).map_err(|e| format!("GRP relay address: {e}"))?;
     let kind = match address.carrier {
         Carrier::Tcp => GrpCarrierKind::Tcp,
         Carrier::Quic => GrpCarrierKind::Quic,

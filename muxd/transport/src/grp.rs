@@ -111,9 +111,10 @@ impl GrpCarrier {
                 let config = WebSocketConfig::default()
                     .max_message_size(Some(muxd_smp::block::BLOCK_SIZE + 16))
                     .max_frame_size(Some(muxd_smp::block::BLOCK_SIZE + 16));
-                let (ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(config))
-                    .await
-                    .map_err(io::Error::other)?;
+                let (ws, _) =
+                    tokio_tungstenite::client_async_with_config(req, stream, Some(config))
+                        .await
+                        .map_err(io::Error::other)?;
                 Inner::Ws(Box::new(ws))
             }
         };

@@ -15,8 +15,8 @@
 //! `docs/tls.md` for the design and its deviations from the Haskell client.
 
 pub mod block;
-pub mod grp;
 mod error;
+pub mod grp;
 pub mod server;
 pub mod tcp_info;
 pub mod tls;
