@@ -424,6 +424,33 @@ pub struct UpstreamStatus {
     /// Summary of recent round-trip samples, when there are any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag: Option<LagSummary>,
+    /// GRP facts, for `profile == "grp"` (absent for SMP, so older frames still decode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grp: Option<GrpUpstream>,
+}
+
+/// The GRP part of an [`UpstreamStatus`]: cover and real record counters of a relay link,
+/// or the proxy of a proxied destination (`transport == "proxy"`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrpUpstream {
+    /// The negotiated cover rate in milli-records per second (links only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cover_rate: Option<u16>,
+    /// Records that carried commands, sent (links only).
+    #[serde(default)]
+    pub real_sent: u64,
+    /// Cover records sent.
+    #[serde(default)]
+    pub cover_sent: u64,
+    /// Records that carried responses or events, received.
+    #[serde(default)]
+    pub real_received: u64,
+    /// Cover records received.
+    #[serde(default)]
+    pub cover_received: u64,
+    /// The proxy relay of a proxied destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<String>,
 }
 
 impl ErrorCode {
