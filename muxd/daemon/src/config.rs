@@ -944,6 +944,14 @@ message_ttl = \"{message_ttl}\"
         wi_lo = WATCH_INTERVAL_MS_RANGE.0,
         wi_hi = WATCH_INTERVAL_MS_RANGE.1,
     );
+    // A table must follow every top-level key; it is all optional (docs/grp.md).
+    out.push_str(
+        "\n# GRP/1 relays (docs/grp.md). Sends to GRP queues always go through a proxy relay.\n\
+         # [grp]\n\
+         # proxy = \"grp://<key>@relay2.example:7443\"\n\
+         # relays = [\"grp://<key>@relay1.example:7443\"]\n\
+         # max_delay_ms = 1000\n",
+    );
     out
 }
 
@@ -972,7 +980,10 @@ mod tests {
         );
         // Every key is mentioned.
         for key in KNOWN_KEYS {
-            assert!(text.contains(&format!("{key} = ")), "{key} missing");
+            assert!(
+                text.contains(&format!("{key} = ")) || text.contains(&format!("[{key}]")),
+                "{key} missing"
+            );
         }
     }
 
