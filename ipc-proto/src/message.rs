@@ -429,7 +429,7 @@ pub struct UpstreamStatus {
     pub lag: Option<LagSummary>,
     /// GRP facts, for `profile == "grp"` (absent for SMP, so older frames still decode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub grp: Option<GrpUpstream>,
+    pub grp: Option<Box<GrpUpstream>>,
 }
 
 /// The GRP part of an [`UpstreamStatus`]: cover and real record counters of a relay link,

@@ -1062,13 +1062,15 @@ impl Hub {
                 .map(|t| millis(t.saturating_duration_since(now))),
             rtt_last_us: s.lag.as_ref().map(|l| micros(l.last_rtt)),
             lag: s.lag.as_ref().map(ipc_lag_summary),
-            grp: s.grp.as_ref().map(|g| muxd_ipc_proto::GrpUpstream {
-                cover_rate: g.cover_rate,
-                real_sent: g.counters.real_sent,
-                cover_sent: g.counters.cover_sent,
-                real_received: g.counters.real_received,
-                cover_received: g.counters.cover_received,
-                proxy: g.proxy.clone(),
+            grp: s.grp.as_ref().map(|g| {
+                Box::new(muxd_ipc_proto::GrpUpstream {
+                    cover_rate: g.cover_rate,
+                    real_sent: g.counters.real_sent,
+                    cover_sent: g.counters.cover_sent,
+                    real_received: g.counters.real_received,
+                    cover_received: g.counters.cover_received,
+                    proxy: g.proxy.clone(),
+                })
             }),
         }
     }
