@@ -65,6 +65,10 @@ struct Opts {
     /// Host name to print in addresses.
     #[arg(long, global = true)]
     public_host: Option<String>,
+    /// Write the relay's counters to this file (rewritten every 200 ms and at shutdown):
+    /// one `name value` line each, queue ids and peers in base64url/text.
+    #[arg(long, global = true)]
+    stats_file: Option<PathBuf>,
 }
 
 impl Opts {
@@ -130,21 +134,82 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("tokio runtime")?
-                .block_on(run(c))
+                .block_on(run(c, cli.opts.stats_file))
         }
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, stats_file: Option<PathBuf>) -> anyhow::Result<()> {
     let relay = Relay::start(config).await.context("starting the relay")?;
     for url in relay.urls() {
         print_out(&format!("{url}\n"));
         tracing::info!(%url, "listening");
     }
+    let counters = relay.counters();
+    let writer = stats_file.clone().map(|path| {
+        let counters = counters.clone();
+        tokio::spawn(async move {
+            loop {
+                write_stats(&path, &counters.snapshot());
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        })
+    });
     wait_for_signal().await?;
     tracing::info!("shutting down: goodbye to every link");
     relay.shutdown().await;
+    if let Some(w) = writer {
+        w.abort();
+    }
+    if let Some(path) = &stats_file {
+        write_stats(path, &counters.snapshot());
+    }
     Ok(())
+}
+
+/// Writes the counters as `name value` lines, atomically (temp file + rename), so a reader
+/// never sees half a file. Failures are logged, not fatal: statistics are not service.
+fn write_stats(path: &std::path::Path, s: &grp_relay::stats::Snapshot) {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for (name, v) in [
+        ("accepted_tcp", s.accepted_tcp),
+        ("accepted_quic", s.accepted_quic),
+        ("accepted_ws", s.accepted_ws),
+        ("client_links", s.client_links),
+        ("relay_links_in", s.relay_links_in),
+        ("relay_links_out", s.relay_links_out),
+        ("handshake_failures", s.handshake_failures),
+        ("cover_sent", s.cover_sent),
+        ("real_sent", s.real_sent),
+        ("cover_received", s.cover_received),
+        ("real_received", s.real_received),
+        ("pfwd", s.pfwd),
+        ("rfwd_sent", s.rfwd_sent),
+        ("rfwd_received", s.rfwd_received),
+        ("rres_sent", s.rres_sent),
+    ] {
+        let _ = writeln!(out, "{name} {v}");
+    }
+    for (tag, n) in &s.commands {
+        let _ = writeln!(out, "command.{tag} {n}");
+    }
+    for id in &s.client_queue_ids {
+        let _ = writeln!(out, "client_queue_id {}", URL_SAFE.encode(id));
+    }
+    for id in &s.relay_queue_ids {
+        let _ = writeln!(out, "relay_queue_id {}", URL_SAFE.encode(id));
+    }
+    for p in &s.client_peers {
+        let _ = writeln!(out, "client_peer {p}");
+    }
+    for p in &s.relay_peers {
+        let _ = writeln!(out, "relay_peer {p}");
+    }
+    let tmp = path.with_extension("tmp");
+    if let Err(e) = std::fs::write(&tmp, out).and_then(|()| std::fs::rename(&tmp, path)) {
+        tracing::warn!(file = %path.display(), error = %e, "could not write the stats file");
+    }
 }
 
 #[cfg(unix)]

@@ -136,6 +136,9 @@ pub enum Op {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 #[non_exhaustive]
+// A frame lives only between decode and use; boxing `Event` would change the public API for
+// a few hundred bytes on the stack.
+#[allow(clippy::large_enum_variant)]
 pub enum ServerMessage {
     /// The answer to the client's hello; the first frame the daemon sends.
     Hello(ServerHello),
@@ -424,6 +427,33 @@ pub struct UpstreamStatus {
     /// Summary of recent round-trip samples, when there are any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag: Option<LagSummary>,
+    /// GRP facts, for `profile == "grp"` (absent for SMP, so older frames still decode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grp: Option<Box<GrpUpstream>>,
+}
+
+/// The GRP part of an [`UpstreamStatus`]: cover and real record counters of a relay link,
+/// or the proxy of a proxied destination (`transport == "proxy"`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrpUpstream {
+    /// The negotiated cover rate in milli-records per second (links only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cover_rate: Option<u16>,
+    /// Records that carried commands, sent (links only).
+    #[serde(default)]
+    pub real_sent: u64,
+    /// Cover records sent.
+    #[serde(default)]
+    pub cover_sent: u64,
+    /// Records that carried responses or events, received.
+    #[serde(default)]
+    pub real_received: u64,
+    /// Cover records received.
+    #[serde(default)]
+    pub cover_received: u64,
+    /// The proxy relay of a proxied destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<String>,
 }
 
 impl ErrorCode {

@@ -57,9 +57,10 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 #[deny(missing_docs)]
 enum QueueCommand {
-    /// Create a queue on an SMP server and print its id and the URI to give a sender
+    /// Create a queue on an SMP server or GRP relay and print its id and the URI to give a sender
     Create {
-        /// The server address: smp://<keyHash>@host[:port]
+        /// The server address: smp://<keyHash>@host[:port], or a GRP relay:
+        /// grp[+quic|+ws]://<key>@host[:port]
         server: String,
         /// Reach the server over WebSocket instead of plain TLS
         #[arg(long)]
@@ -965,8 +966,36 @@ fn render_status(r: &StatusReport, now_ms: u64) -> String {
     for row in &rows {
         line(&row.each_ref().map(String::as_str));
     }
+    // GRP links: cover and real records (cover hides real traffic, GRP §12).
+    let grp: Vec<String> = r.upstreams.iter().filter_map(grp_line).collect();
+    if !grp.is_empty() {
+        s.push_str("\nGRP:\n");
+        for l in grp {
+            s.push_str(&l);
+            s.push('\n');
+        }
+    }
     s.pop();
     s
+}
+
+/// One line of GRP facts for an upstream, or `None` for SMP.
+fn grp_line(u: &UpstreamStatus) -> Option<String> {
+    let g = u.grp.as_ref()?;
+    Some(match &g.proxy {
+        Some(p) => format!("  {} ({}): via proxy {p}", u.server, u.transport),
+        None => format!(
+            "  {} ({}): cover rate {}, records sent real={} cover={}, received real={} cover={}",
+            u.server,
+            u.transport,
+            g.cover_rate
+                .map_or_else(|| "-".into(), |r| format!("{:.2}/s", f64::from(r) / 1e3)),
+            g.real_sent,
+            g.cover_sent,
+            g.real_received,
+            g.cover_received
+        ),
+    })
 }
 
 fn render_event(ev: &Event) -> String {

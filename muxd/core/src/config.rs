@@ -74,6 +74,8 @@ pub struct PoolConfig {
     /// Per-server policies, keyed by server address (any form the pool accepts:
     /// with or without port or password). Looked up when the pool first meets a server.
     pub server_policies: BTreeMap<String, ServerPolicy>,
+    /// GRP/1: which relay proxies sends to GRP destinations, and known relays.
+    pub grp: crate::GrpConfig,
 }
 
 impl Default for PoolConfig {
@@ -102,6 +104,7 @@ impl Default for PoolConfig {
             send_timeout: Some(Duration::from_secs(2 * 24 * 3600)),
             policy: ServerPolicy::default(),
             server_policies: BTreeMap::new(),
+            grp: crate::GrpConfig::default(),
         }
     }
 }

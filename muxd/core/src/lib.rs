@@ -36,6 +36,7 @@ pub use envelope::{
 pub use error::PoolError;
 pub use mailbox::{Delivery, Mailbox, MemoryMailbox, REMEMBERED_ACKS, ReceivedMessage};
 pub use persist::{MessageOutcome, SavedMessage, SavedQueue, SavedSender};
+pub use pool::grp::{GrpConfig, GrpCounters, GrpSession, GrpStatus};
 pub use pool::{MAX_BODY_LEN, Pool};
 pub use request::{
     Action, PoolEvent, PoolReply, PoolRequest, QueueInfo, RequestToken, Subscription,

@@ -148,7 +148,18 @@ impl ServerKey {
         let transport = match transport {
             "tls" => Transport::Tls,
             "websocket" => Transport::WebSocket,
-            other => return Err(corrupt(&format!("unknown transport {other:?}"))),
+            // GRP keys carry the relay's canonical address; the pool parses it on restore.
+            grp => {
+                let transport = match grp {
+                    "tcp" => Transport::GrpTcp,
+                    "quic" => Transport::GrpQuic,
+                    "ws" => Transport::GrpWs,
+                    "wss" => Transport::GrpWss,
+                    "proxy" => Transport::GrpProxied,
+                    other => return Err(corrupt(&format!("unknown transport {other:?}"))),
+                };
+                return Ok(Self::grp(address.to_owned(), transport));
+            }
         };
         let server: SmpServer = address
             .parse()

@@ -36,6 +36,10 @@ use crate::server::{
     TransportInfo,
 };
 
+/// GRP/1 relays and two-hop sending (`pool/grp.rs`): a child module, so the hooks below stay
+/// one line each.
+pub(crate) mod grp;
+
 /// The longest message body an app may send.
 ///
 /// The first message to a queue travels as the confirmation, whose envelope is padded to
@@ -176,6 +180,8 @@ pub struct Pool<M: Mailbox = MemoryMailbox> {
     /// The latest `now` the pool was given; [`Self::ack`] has none, and what it sets off
     /// runs in a `handle_timeout` due at this instant.
     last_now: Option<Instant>,
+    /// GRP links, proxied destinations and the PRXY/PFWD in flight.
+    grp: grp::GrpState,
 }
 
 impl Pool<MemoryMailbox> {
@@ -206,6 +212,7 @@ impl<M: Mailbox> Pool<M> {
             release: BTreeSet::new(),
             touched: BTreeSet::new(),
             last_now: None,
+            grp: grp::GrpState::default(),
         }
     }
 
@@ -246,7 +253,7 @@ impl<M: Mailbox> Pool<M> {
             .iter()
             .map(|(key, s)| ServerStatus {
                 server: key.clone(),
-                profile: "smp",
+                profile: key.transport().profile(),
                 state: s.state,
                 since: s.since,
                 last_error: s.last_error.clone(),
@@ -255,6 +262,7 @@ impl<M: Mailbox> Pool<M> {
                 next_retry_at: s.retry_at.filter(|_| s.state == ConnState::BackingOff),
                 pending_sends: self.senders_of(key).map(|(_, q)| q.outbox.len()).sum(),
                 lag: s.lag.summary(),
+                grp: self.grp.status(key),
             })
             .collect()
     }
@@ -449,6 +457,9 @@ impl<M: Mailbox> Pool<M> {
 
     /// The entry of a server named in the journal.
     fn restored_server(&mut self, now: Instant, key: &ServerKey) -> Result<ServerKey, PoolError> {
+        if key.transport().profile() == "grp" {
+            return self.grp_restored_entry(now, key);
+        }
         let address: SmpServer = key
             .address()
             .parse()
@@ -644,7 +655,10 @@ impl<M: Mailbox> Pool<M> {
         block: &[u8],
     ) {
         self.tick(now);
-        if let Some(s) = self.servers.get_mut(server)
+        // Answers to PRXY and PFWD are the GRP proxy's, not the SMP connection's.
+        let block = self.grp_intercept(now, server, block);
+        if let Some(block) = block.as_deref()
+            && let Some(s) = self.servers.get_mut(server)
             && let Some(conn) = s.conn.as_mut()
         {
             s.last_received = now;
@@ -911,6 +925,9 @@ impl<M: Mailbox> Pool<M> {
         server: &str,
         websocket: bool,
     ) -> Result<(), PoolError> {
+        if grp::is_grp(server) {
+            return self.grp_create_queue(now, rng, app, token, server);
+        }
         let mut address: SmpServer = server
             .parse()
             .map_err(|e| PoolError::InvalidArgument(format!("server address {server:?}: {e}")))?;
@@ -991,9 +1008,14 @@ impl<M: Mailbox> Pool<M> {
                 body.len()
             )));
         }
-        let mut uri: QueueUri = queue_uri
-            .parse()
-            .map_err(|e| PoolError::InvalidArgument(format!("queue URI: {e}")))?;
+        // A GRP destination is only ever reached through a proxy relay (two-hop, §10).
+        let grp_dest = self.grp_send_route(now, queue_uri)?;
+        let mut uri: QueueUri = match &grp_dest {
+            Some((uri, _)) => uri.clone(),
+            None => queue_uri
+                .parse()
+                .map_err(|e| PoolError::InvalidArgument(format!("queue URI: {e}")))?,
+        };
         let recipient = X25519PublicKey::from_spki(&uri.dh_key)
             .map_err(|e| PoolError::InvalidArgument(format!("queue URI dh key: {e}")))?;
         uri.server.basic_auth = None;
@@ -1006,7 +1028,10 @@ impl<M: Mailbox> Pool<M> {
         } else {
             Transport::Tls
         };
-        let key = self.server_entry(now, &uri.server, transport)?;
+        let key = match grp_dest {
+            Some((_, key)) => key,
+            None => self.server_entry(now, &uri.server, transport)?,
+        };
         self.check_capacity(&key, app, Budget::Send)?;
         let dest = DestKey {
             server: key.clone(),
@@ -1296,6 +1321,9 @@ impl<M: Mailbox> Pool<M> {
 
     /// Asks the driver for a transport to `key`.
     fn connect(&mut self, now: Instant, key: &ServerKey) {
+        if key.transport() == Transport::GrpProxied {
+            return self.grp_connect_route(now, key);
+        }
         let Some(s) = self.servers.get_mut(key) else {
             return;
         };
@@ -1320,12 +1348,16 @@ impl<M: Mailbox> Pool<M> {
         s.live_queues > 0
             || !s.deferred.is_empty()
             || self.senders_of(key).any(|(_, q)| !q.outbox.is_empty())
+            || self.grp_proxy_needed(key)
     }
 
     /// Keep-alive of an established connection: PONG deadline, then the next PING (after
     /// `ping_idle` of silence, every `lag_watch` interval, after `stall_probe_after` of
     /// silence while commands wait for answers, or at once after a miss).
     fn keepalive<R: RngCore + CryptoRng>(&mut self, now: Instant, rng: &mut R, key: &ServerKey) {
+        if self.grp_skip_keepalive(key) {
+            return;
+        }
         let Some(s) = self.servers.get_mut(key) else {
             return;
         };
@@ -1731,18 +1763,20 @@ impl<M: Mailbox> Pool<M> {
             let Some(conn) = self.servers.get_mut(key).and_then(|s| s.conn.as_mut()) else {
                 continue;
             };
+            let mut blocks = Vec::new();
             loop {
                 let mut block = Vec::with_capacity(BLOCK_SIZE);
                 if conn.poll_transmit(now, &mut block).is_none() {
                     break;
                 }
-                self.actions.push_back(Action::Transmit {
-                    server: key.clone(),
-                    block,
-                });
+                blocks.push(block);
+            }
+            for block in blocks {
+                self.grp_transmit(now, rng, key, block);
             }
             self.idle_check(now, key);
         }
+        self.grp_drive(now, rng);
     }
 
     fn on_event<R: RngCore + CryptoRng>(
@@ -2120,7 +2154,9 @@ impl<M: Mailbox> Pool<M> {
             e2e_secret: None,
             sender_key: None,
             secured: false,
-            uri: uri.to_string(),
+            uri: self
+                .grp_queue_uri(key, &uri)
+                .unwrap_or_else(|| uri.to_string()),
             subscription: Subscription::Subscribed,
             last_error: None,
             delivered: SeqWindow::new(),
@@ -2429,6 +2465,7 @@ impl<M: Mailbox> Pool<M> {
             let reason = Some(format!("connection lost: {reason}"));
             self.set_queue_subscription(&queue_id, Subscription::Pending, reason);
         }
+        self.grp_on_lost(now, key, &reason);
         let state = if loss == Loss::Permanent {
             ConnState::Lost
         } else if self.needs_connection(key) {

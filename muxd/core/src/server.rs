@@ -25,6 +25,17 @@ pub enum Transport {
     Tls,
     /// SMP blocks as WebSocket messages inside TLS.
     WebSocket,
+    /// GRP/1 records over TCP (`grp://`).
+    GrpTcp,
+    /// GRP/1 records on one QUIC stream (`grp+quic://`).
+    GrpQuic,
+    /// GRP/1 records as WebSocket messages (`grp+ws://`).
+    GrpWs,
+    /// GRP/1 records as WebSocket messages inside TLS (`grp+wss://`).
+    GrpWss,
+    /// A GRP destination relay reached only through a proxy relay (two-hop sending, §10):
+    /// no socket of its own, its commands travel in PFWD on the proxy's connection.
+    GrpProxied,
 }
 
 impl Transport {
@@ -33,6 +44,19 @@ impl Transport {
         match self {
             Self::Tls => "tls",
             Self::WebSocket => "websocket",
+            Self::GrpTcp => "tcp",
+            Self::GrpQuic => "quic",
+            Self::GrpWs => "ws",
+            Self::GrpWss => "wss",
+            Self::GrpProxied => "proxy",
+        }
+    }
+
+    /// The protocol profile: `"smp"` or `"grp"`.
+    pub fn profile(self) -> &'static str {
+        match self {
+            Self::Tls | Self::WebSocket => "smp",
+            Self::GrpTcp | Self::GrpQuic | Self::GrpWs | Self::GrpWss | Self::GrpProxied => "grp",
         }
     }
 }
@@ -61,6 +85,11 @@ impl ServerKey {
         }
     }
 
+    /// A GRP relay (its canonical address) or a proxied GRP destination.
+    pub(crate) fn grp(address: String, transport: Transport) -> Self {
+        Self { address, transport }
+    }
+
     /// The normalised server address.
     pub fn address(&self) -> &str {
         &self.address
@@ -77,6 +106,10 @@ impl fmt::Display for ServerKey {
         match self.transport {
             Transport::Tls => f.write_str(&self.address),
             Transport::WebSocket => write!(f, "{} (websocket)", self.address),
+            Transport::GrpProxied => write!(f, "{} (via proxy)", self.address),
+            Transport::GrpTcp | Transport::GrpQuic | Transport::GrpWs | Transport::GrpWss => {
+                f.write_str(&self.address)
+            }
         }
     }
 }
@@ -137,7 +170,7 @@ impl ConnState {
 pub struct ServerStatus {
     /// The server.
     pub server: ServerKey,
-    /// The protocol profile, `"smp"`.
+    /// The protocol profile, `"smp"` or `"grp"`.
     pub profile: &'static str,
     /// The connection state.
     pub state: ConnState,
@@ -156,6 +189,8 @@ pub struct ServerStatus {
     pub pending_sends: usize,
     /// Round-trip statistics over the server's lag history (every source).
     pub lag: Option<LagSummary>,
+    /// GRP facts (cover rate, record counters, proxy); `None` for SMP servers.
+    pub grp: Option<crate::GrpStatus>,
 }
 
 /// What the transport learned while connecting that the SMP handshake needs.

@@ -95,6 +95,8 @@ pub struct Config {
     /// Whether `store` / `key_file` were set explicitly, rather than following `data_dir`.
     store_is_explicit: bool,
     key_file_is_explicit: bool,
+    /// GRP/1 relays: the `[grp]` table (`grp_config.rs`).
+    pub grp: crate::grp_config::GrpSettings,
 }
 
 impl Config {
@@ -124,6 +126,7 @@ impl Config {
             passphrase: None,
             store_is_explicit: false,
             key_file_is_explicit: false,
+            grp: crate::grp_config::GrpSettings::default(),
         };
         config.derive_paths();
         config
@@ -222,6 +225,9 @@ impl Config {
     /// Overrides fields with those `layer` sets, checking each value.
     fn apply(&mut self, layer: Layer) -> Result<(), ConfigError> {
         let origin = layer.origin;
+        if let Some(grp) = layer.grp {
+            self.grp = grp;
+        }
         if let Some(socket) = layer.socket {
             if socket.as_os_str().is_empty() {
                 return Err(ConfigError::invalid("socket", &origin, "must not be empty"));
@@ -582,6 +588,7 @@ struct Layer {
     key_file: Option<PathBuf>,
     /// A duration with a unit, or milliseconds (a TOML integer arrives as its digits).
     message_ttl: Option<String>,
+    grp: Option<crate::grp_config::GrpSettings>,
 }
 
 /// Why the configuration could not be built. The daemon exits with code 2 on any of these.
@@ -636,7 +643,7 @@ impl ConfigError {
         2
     }
 
-    fn invalid(key: &'static str, origin: &str, reason: impl ToString) -> Self {
+    pub(crate) fn invalid(key: &'static str, origin: &str, reason: impl ToString) -> Self {
         Self::Invalid {
             key,
             origin: origin.to_owned(),
@@ -645,7 +652,7 @@ impl ConfigError {
     }
 }
 
-const KNOWN_KEYS: [&str; 16] = [
+const KNOWN_KEYS: [&str; 17] = [
     "socket",
     "log_level",
     "log_format",
@@ -662,6 +669,7 @@ const KNOWN_KEYS: [&str; 16] = [
     "store",
     "key_file",
     "message_ttl",
+    "grp",
 ];
 
 fn in_range(
@@ -785,6 +793,7 @@ fn parse_toml(text: &str, path: &Path) -> Result<Layer, ConfigError> {
                     other => string_value("message_ttl", &origin, other)?,
                 });
             }
+            "grp" => layer.grp = Some(crate::grp_config::parse(value, &origin)?),
             _ => {
                 return Err(ConfigError::UnknownKey {
                     path: path.to_owned(),
@@ -935,6 +944,14 @@ message_ttl = \"{message_ttl}\"
         wi_lo = WATCH_INTERVAL_MS_RANGE.0,
         wi_hi = WATCH_INTERVAL_MS_RANGE.1,
     );
+    // A table must follow every top-level key; it is all optional (docs/grp.md).
+    out.push_str(
+        "\n# GRP/1 relays (docs/grp.md). Sends to GRP queues always go through a proxy relay.\n\
+         # [grp]\n\
+         # proxy = \"grp://<key>@relay2.example:7443\"\n\
+         # relays = [\"grp://<key>@relay1.example:7443\"]\n\
+         # max_delay_ms = 1000\n",
+    );
     out
 }
 
@@ -963,7 +980,10 @@ mod tests {
         );
         // Every key is mentioned.
         for key in KNOWN_KEYS {
-            assert!(text.contains(&format!("{key} = ")), "{key} missing");
+            assert!(
+                text.contains(&format!("{key} = ")) || text.contains(&format!("[{key}]")),
+                "{key} missing"
+            );
         }
     }
 

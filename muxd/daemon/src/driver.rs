@@ -315,6 +315,14 @@ impl Hub {
                 self.pool
                     .handle_rtt_sample(now, &server, rtt, LagSource::Tcp);
             }
+            UpstreamEventKind::GrpConnected(session) => {
+                self.pool
+                    .handle_grp_connected(now, &mut self.rng, &server, session);
+            }
+            UpstreamEventKind::GrpCounters(counters) => {
+                self.pool.handle_grp_counters(&server, counters);
+                self.status_dirty = true;
+            }
         }
         self.drain_pool();
         self.publish_changes(now);
@@ -1054,6 +1062,16 @@ impl Hub {
                 .map(|t| millis(t.saturating_duration_since(now))),
             rtt_last_us: s.lag.as_ref().map(|l| micros(l.last_rtt)),
             lag: s.lag.as_ref().map(ipc_lag_summary),
+            grp: s.grp.as_ref().map(|g| {
+                Box::new(muxd_ipc_proto::GrpUpstream {
+                    cover_rate: g.cover_rate,
+                    real_sent: g.counters.real_sent,
+                    cover_sent: g.counters.cover_sent,
+                    real_received: g.counters.real_received,
+                    cover_received: g.counters.cover_received,
+                    proxy: g.proxy.clone(),
+                })
+            }),
         }
     }
 }

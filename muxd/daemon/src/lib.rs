@@ -12,6 +12,8 @@
 
 mod config;
 mod driver;
+mod grp_config;
+mod grp_upstream;
 mod ipc;
 mod journal;
 mod netwatch;
@@ -34,6 +36,7 @@ pub use crate::config::{
     Config, ConfigError, Environment, LogFormat, PASSPHRASE_VAR, RunArgs, SecretPassphrase,
     StoreArgs, default_config_path, default_data_dir, generate_default_toml,
 };
+pub use crate::grp_config::GrpSettings;
 pub use crate::ipc::socket::SocketError;
 pub use crate::journal::{RestoreError, Restored};
 pub use crate::setup::{InitReport, RestoreReport, SetupError, init, open_store, restore};
@@ -148,6 +151,7 @@ pub async fn serve(
         let store = Arc::new(store);
         let mut pool_config = muxd_core::PoolConfig::default();
         pool_config.send_timeout = Some(config.message_ttl);
+        pool_config.grp = config.grp.pool.clone();
         let restored = journal::Journal::restore(
             Arc::clone(&store),
             pool_config,
@@ -192,6 +196,9 @@ pub async fn serve(
         },
         rtt_interval: config.rtt_sample_interval,
         max_backlog_blocks: upstream::DEFAULT_MAX_BACKLOG_BLOCKS,
+        grp: grp_upstream::GrpOptions {
+            max_delay: config.grp.max_delay,
+        },
     };
     let upstreams = upstream::Upstreams::new(upstream_tx, tracker.clone(), options);
     // One pending change is enough: later ones merge into it.

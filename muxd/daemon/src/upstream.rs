@@ -70,6 +70,10 @@ pub(crate) enum UpstreamEventKind {
     Disconnected(String),
     /// The kernel's smoothed TCP round-trip time of the connection (never zero).
     Rtt(Duration),
+    /// A GRP link finished its handshake (`grp_upstream.rs`).
+    GrpConnected(muxd_core::GrpSession),
+    /// A GRP link's record counters changed.
+    GrpCounters(muxd_core::GrpCounters),
 }
 
 /// How the tasks dial and watch their sockets.
@@ -82,6 +86,8 @@ pub(crate) struct UpstreamOptions {
     /// Blocks a server's backlog may hold (beyond the task's channel) before the connection
     /// is dropped as stalled.
     pub(crate) max_backlog_blocks: usize,
+    /// GRP link settings.
+    pub(crate) grp: crate::grp_upstream::GrpOptions,
 }
 
 impl Default for UpstreamOptions {
@@ -90,6 +96,7 @@ impl Default for UpstreamOptions {
             connect: ConnectOptions::default(),
             rtt_interval: None,
             max_backlog_blocks: DEFAULT_MAX_BACKLOG_BLOCKS,
+            grp: crate::grp_upstream::GrpOptions::default(),
         }
     }
 }
@@ -204,11 +211,23 @@ impl Upstreams {
             server: server.clone(),
             events: self.events.clone(),
         };
-        self.tracker.spawn_on(
-            task.run(dial, self.options.clone(), rx, cancel.clone())
-                .instrument(span),
-            &self.runtime,
-        );
+        if server.transport().profile() == "grp" {
+            let run = crate::grp_upstream::run(
+                conn,
+                server.clone(),
+                self.events.clone(),
+                self.options.grp.clone(),
+                rx,
+                cancel.clone(),
+            );
+            self.tracker.spawn_on(run.instrument(span), &self.runtime);
+        } else {
+            self.tracker.spawn_on(
+                task.run(dial, self.options.clone(), rx, cancel.clone())
+                    .instrument(span),
+                &self.runtime,
+            );
+        }
         let link = Link {
             conn,
             tx: PollSender::new(tx),

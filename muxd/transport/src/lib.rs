@@ -16,6 +16,7 @@
 
 pub mod block;
 mod error;
+pub mod grp;
 pub mod server;
 pub mod tcp_info;
 pub mod tls;

@@ -90,5 +90,76 @@ fn records(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, handshakes, records);
+/// A TCP pair on loopback: a reader thread takes `n` units of `unit` bytes per request
+/// (opening each as a GRP record when `open` is given) and reports when done.
+fn loopback_reader(
+    unit: usize,
+    mut open: Option<Established>,
+) -> (
+    std::net::TcpStream,
+    std::sync::mpsc::Sender<u64>,
+    std::sync::mpsc::Receiver<()>,
+) {
+    use std::io::Read as _;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let writer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    writer.set_nodelay(true).unwrap();
+    let (mut reader, _) = listener.accept().unwrap();
+    let (req_tx, req_rx) = std::sync::mpsc::channel::<u64>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; unit];
+        while let Ok(n) = req_rx.recv() {
+            for _ in 0..n {
+                reader.read_exact(&mut buf).unwrap();
+                if let Some(e) = open.as_mut() {
+                    let block = e.records.open(&buf).unwrap();
+                    assert_eq!(block.len(), BLOCK);
+                }
+            }
+            done_tx.send(()).unwrap();
+        }
+    });
+    (writer, req_tx, done_rx)
+}
+
+/// Raw TCP loopback next to GRP records over TCP loopback (seal, write, read, open), in the
+/// same run: the same 16384-byte blocks end to end.
+fn loopback(c: &mut Criterion) {
+    use std::io::Write as _;
+    let responder = ResponderConfig::new(Zeroizing::new(RELAY_STATIC));
+    let mut rng = ChaCha20Rng::seed_from_u64(3);
+    let (mut client, relay) = grp_handshake(&mut rng, &responder);
+    let block = cover_block();
+    let mut g = c.benchmark_group("loopback");
+    g.throughput(Throughput::Bytes(BLOCK as u64));
+    let (mut raw, raw_req, raw_done) = loopback_reader(BLOCK, None);
+    g.bench_function("raw tcp 16384-byte blocks", |b| {
+        b.iter_custom(|iters| {
+            let start = std::time::Instant::now();
+            raw_req.send(iters).unwrap();
+            for _ in 0..iters {
+                raw.write_all(&block).unwrap();
+            }
+            raw_done.recv().unwrap();
+            start.elapsed()
+        })
+    });
+    let (mut tcp, grp_req, grp_done) = loopback_reader(RECORD, Some(relay));
+    g.bench_function("grp records over tcp (seal+write+read+open)", |b| {
+        b.iter_custom(|iters| {
+            let start = std::time::Instant::now();
+            grp_req.send(iters).unwrap();
+            for _ in 0..iters {
+                let r = client.records.seal(&block).unwrap();
+                tcp.write_all(&r).unwrap();
+            }
+            grp_done.recv().unwrap();
+            start.elapsed()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, handshakes, records, loopback);
 criterion_main!(benches);

@@ -388,6 +388,15 @@ impl Connection {
         }
     }
 
+    /// Cover records sent and received so far in this session; the rest of
+    /// [`Self::record_counts`] carried batches (or a goodbye).
+    pub fn cover_counts(&self) -> Option<(u64, u64)> {
+        match &self.state {
+            State::Established(s) => Some((s.link.cover_sent, s.link.cover_received)),
+            _ => None,
+        }
+    }
+
     /// `ss(sessionId) ss(corrId) ss(entityId) command` for this session (§8.2).
     pub fn authorized(
         &self,

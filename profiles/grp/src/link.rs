@@ -33,6 +33,10 @@ pub(crate) struct Link {
     pub(crate) records: RecordLayer,
     pub(crate) outbox: Outbox,
     pub(crate) cover: CoverScheduler,
+    /// Cover records sealed and opened, for the owner's traffic statistics (real records are
+    /// the rest of [`RecordLayer`]'s counts).
+    pub(crate) cover_sent: u64,
+    pub(crate) cover_received: u64,
 }
 
 impl Link {
@@ -47,6 +51,8 @@ impl Link {
             records,
             outbox: Outbox::new(),
             cover: CoverScheduler::new(rate, cfg, now, rng),
+            cover_sent: 0,
+            cover_received: 0,
         }
     }
 
@@ -62,12 +68,13 @@ impl Link {
                 return Err(SendStop::LastRecord);
             }
             let block = match action {
-                CoverAction::Data => match self.outbox.pack_block() {
-                    Some(b) => b,
-                    None => cover_block(),
-                },
-                CoverAction::Cover => cover_block(),
+                CoverAction::Data => self.outbox.pack_block(),
+                CoverAction::Cover => None,
             };
+            let block = block.unwrap_or_else(|| {
+                self.cover_sent += 1;
+                cover_block()
+            });
             // Sealing a full block below the limit cannot fail.
             if let Ok(r) = self.records.seal(&block) {
                 out.push_back(r);
@@ -91,7 +98,10 @@ impl Link {
             }
         })?;
         Ok(match Block::decode(&plain).map_err(GrpError::Block)? {
-            Block::Cover => Incoming::Cover,
+            Block::Cover => {
+                self.cover_received += 1;
+                Incoming::Cover
+            }
             Block::Goodbye(r) => Incoming::Goodbye(r),
             Block::Batch(b) => match split_batch(b) {
                 Some(items) => Incoming::Batch(items.into_iter().map(<[u8]>::to_vec).collect()),

@@ -315,7 +315,8 @@ struct InFlight {
 #[derive(Debug)]
 pub struct Connection {
     config: ConnectionConfig,
-    identity: ServerIdentity,
+    /// What the handshake checks; `None` for sessions set up by another layer.
+    identity: Option<ServerIdentity>,
     /// The per-connection key for block encryption; dropped after the handshake.
     client_key: Option<X25519SecretKey>,
     state: State,
@@ -352,13 +353,54 @@ impl Connection {
             },
             keepalive: config.ping_without_subscriptions,
             config,
-            identity,
+            identity: Some(identity),
             client_key,
             queued: VecDeque::new(),
             blocks: VecDeque::new(),
             in_flight: BTreeMap::new(),
             deadlines: VecDeque::new(),
             events: VecDeque::new(),
+            last_received: now,
+            last_ping: None,
+            consecutive_timeouts: 0,
+            batch: BatchBuilder::new(),
+        }
+    }
+
+    /// A connection whose session was set up by another layer, at `now`: GRP (`muxd-grp`)
+    /// runs its own handshake and carries SMP v18 transmissions with the handshake hash as
+    /// the implied session id and the relay's session auth key for X25519 authenticators.
+    /// Blocks are plain padded batches (the outer layer encrypts). [`Event::Connected`] is
+    /// the first event, as after a ServerHello.
+    pub fn established(
+        now: Instant,
+        config: ConnectionConfig,
+        version: u16,
+        session_id: Vec<u8>,
+        server_session_key: Option<X25519PublicKey>,
+    ) -> Self {
+        let mut events = VecDeque::new();
+        events.push_back(Event::Connected {
+            version,
+            block_encryption: false,
+        });
+        Self {
+            state: State::Established(Established {
+                version,
+                session_id,
+                server_session_key,
+                cipher: None,
+            }),
+            keepalive: config.ping_without_subscriptions,
+            config,
+            // There is no ServerHello to check: the outer layer authenticated the peer.
+            identity: None,
+            client_key: None,
+            queued: VecDeque::new(),
+            blocks: VecDeque::new(),
+            in_flight: BTreeMap::new(),
+            deadlines: VecDeque::new(),
+            events,
             last_received: now,
             last_ping: None,
             consecutive_timeouts: 0,
@@ -460,11 +502,15 @@ impl Connection {
     }
 
     fn handle_server_hello(&mut self, block: &[u8]) {
+        // Only `new` starts in AwaitingServerHello, and it always has an identity.
+        let Some(identity) = self.identity.as_ref() else {
+            return;
+        };
         let params = HandshakeParams {
-            key_hash: self.identity.key_hash,
+            key_hash: identity.key_hash,
             versions: self.config.versions,
-            tls_session_id: self.identity.tls_session_id.as_deref(),
-            tls_leaf_key: &self.identity.tls_leaf_key,
+            tls_session_id: identity.tls_session_id.as_deref(),
+            tls_leaf_key: &identity.tls_leaf_key,
         };
         // The key is only needed for the handshake; dropping it here zeroizes it.
         let client_key = self.client_key.take();

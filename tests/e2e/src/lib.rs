@@ -43,6 +43,12 @@ pub fn devrelay_bin() -> &'static Path {
     BIN.get_or_init(|| build_bin("smp-devrelay", "smp-devrelay"))
 }
 
+/// The `grp-relay` binary, built (once per test process) if needed.
+pub fn grp_relay_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| build_bin("grp-relay", "grp-relay"))
+}
+
 /// The `faultproxy` binary, built (once per test process) if needed.
 pub fn faultproxy_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -1000,5 +1006,189 @@ pub fn response_id(msg: &ServerMessage) -> Option<u64> {
         ServerMessage::Response(r) => Some(r.id),
         ServerMessage::Error(e) => e.id,
         _ => None,
+    }
+}
+
+/// A running reference `grp-relay` on loopback (TCP, QUIC and WebSocket on free ports) in its
+/// own temp directory: static key in `key`, counters in `stats-<run>.txt` (its
+/// `--stats-file`), log in `relay-<run>.log`. A restart keeps the key and the ports. Killed
+/// when dropped.
+#[derive(Debug)]
+pub struct GrpRelay {
+    child: Option<Child>,
+    stdout: Option<BufReader<ChildStdout>>,
+    /// `grp://…`, `grp+quic://…`, `grp+ws://…` as printed by the relay.
+    urls: Vec<String>,
+    allow: Vec<String>,
+    runs: u32,
+    dir: TempDir,
+}
+
+impl GrpRelay {
+    /// Starts a relay that accepts relay links from the relays with these keys.
+    pub fn start(allow: &[&str]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("muxd-e2e-grp-")
+            .tempdir()
+            .unwrap();
+        // Fast cover scheduling: commands wait 20 ms for a tick, not the spec's 1 s.
+        let config = format!(
+            "key_file = {:?}\n[cover]\nmax_delay_ms = 20\nrelay_link_max_delay_ms = 20\n",
+            dir.path().join("key")
+        );
+        std::fs::write(dir.path().join("relay.toml"), config).unwrap();
+        let mut relay = Self {
+            child: None,
+            stdout: None,
+            urls: Vec::new(),
+            allow: allow.iter().map(|s| (*s).to_owned()).collect(),
+            runs: 0,
+            dir,
+        };
+        relay.spawn();
+        relay
+    }
+
+    /// The relay's address for `scheme` (`grp`, `grp+quic` or `grp+ws`).
+    pub fn url(&self, scheme: &str) -> &str {
+        let prefix = format!("{scheme}://");
+        self.urls
+            .iter()
+            .find(|u| u.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no {scheme} address in {:?}", self.urls))
+    }
+
+    /// The relay's static key (base64url, as in its addresses).
+    pub fn key(&self) -> &str {
+        let u = self.url("grp");
+        &u["grp://".len()..u.find('@').unwrap()]
+    }
+
+    /// The counters the current run last wrote, as `name value` lines.
+    pub fn stats(&self) -> String {
+        std::fs::read_to_string(self.stats_path()).unwrap_or_default()
+    }
+
+    /// One numeric counter of the current run (0 when absent).
+    pub fn stat(&self, name: &str) -> u64 {
+        self.stat_values(name)
+            .first()
+            .map_or(0, |v| v.parse().unwrap())
+    }
+
+    /// Every value of a repeated stats line (`client_queue_id`, `relay_peer`, …).
+    pub fn stat_values(&self, name: &str) -> Vec<String> {
+        self.stats()
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .filter(|(n, _)| *n == name)
+            .map(|(_, v)| v.to_owned())
+            .collect()
+    }
+
+    /// What the current run logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("relay-{}.log", self.runs)))
+            .unwrap_or_default()
+    }
+
+    fn stats_path(&self) -> PathBuf {
+        self.dir.path().join(format!("stats-{}.txt", self.runs))
+    }
+
+    /// Stops the relay with SIGTERM (goodbye 0x02 on every link) and waits for it to exit,
+    /// so that its stats file is final.
+    pub fn terminate(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + PATIENCE * 2;
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.stdout = None;
+    }
+
+    /// Kills the relay (SIGKILL): links break without a goodbye.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.stdout = None;
+    }
+
+    /// Kills the relay (if running) and starts it again with the same key and ports.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn spawn(&mut self) {
+        self.runs += 1;
+        let port = |scheme: &str| -> String {
+            let p = self
+                .urls
+                .iter()
+                .find(|u| u.starts_with(&format!("{scheme}://")))
+                .map_or("0", |u| u.rsplit(':').next().unwrap());
+            format!("127.0.0.1:{p}")
+        };
+        let log = File::create(self.dir.path().join(format!("relay-{}.log", self.runs))).unwrap();
+        let mut cmd = Command::new(grp_relay_bin());
+        cmd.arg("run")
+            .arg("--config")
+            .arg(self.dir.path().join("relay.toml"))
+            .arg("--listen-tcp")
+            .arg(port("grp"))
+            .arg("--listen-quic")
+            .arg(port("grp+quic"))
+            .arg("--listen-ws")
+            .arg(port("grp+ws"))
+            .arg("--stats-file")
+            .arg(self.stats_path());
+        for k in &self.allow {
+            cmd.arg("--allow-relay").arg(k);
+        }
+        cmd.env("RUST_LOG", "grp_relay=debug,info")
+            .env_remove("GRP_RELAY_CONFIG")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log);
+        let mut child = cmd.spawn().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        self.child = Some(child);
+        let mut urls = Vec::new();
+        for _ in 0..3 {
+            let mut line = String::new();
+            assert!(
+                stdout.read_line(&mut line).unwrap() > 0,
+                "grp-relay printed no address:\n{}",
+                self.log()
+            );
+            urls.push(line.trim().to_owned());
+        }
+        if !self.urls.is_empty() {
+            assert_eq!(urls, self.urls, "the restarted relay has other addresses");
+        }
+        self.urls = urls;
+        self.stdout = Some(stdout);
+    }
+}
+
+impl Drop for GrpRelay {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }

@@ -5,6 +5,7 @@
 
 mod alive;
 mod daemon;
+mod grp;
 mod hostile;
 mod muxctl;
 mod python;
