@@ -392,8 +392,8 @@ impl Hub {
             self.socket_actions.clear();
             return Err(e);
         }
-        while let Some((client, frame)) = self.held.pop_front() {
-            self.deliver_frame(client, frame);
+        for (client, frame) in std::mem::take(&mut self.held) {
+            self.send_frame_now(client, frame);
         }
         Ok(())
     }
@@ -845,14 +845,22 @@ impl Hub {
     }
 
     fn deliver_frame(&mut self, client: ClientId, frame: bytes::Bytes) -> bool {
-        let Some(c) = self.clients.get(&client) else {
+        if !self.clients.contains_key(&client) {
             return false;
-        };
+        }
         if self.pool.mailbox().dirty() || !self.held.is_empty() {
             // Behind the commit, in order (see `flush`).
             self.held.push_back((client, frame));
             return true;
         }
+        self.send_frame_now(client, frame)
+    }
+
+    /// Hands a frame to the client's writer now (the journal is committed).
+    fn send_frame_now(&mut self, client: ClientId, frame: bytes::Bytes) -> bool {
+        let Some(c) = self.clients.get(&client) else {
+            return false;
+        };
         match c.handle.send_frame(frame) {
             Ok(()) => true,
             Err(SendError::Full) => {
