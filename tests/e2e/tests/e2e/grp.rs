@@ -209,7 +209,8 @@ fn relay_restart_reconnects_and_queued_sends_go_through() {
     });
     let uri = q.uri.clone();
     let sock = socket.to_owned();
-    let sender = std::thread::spawn(move || muxctl(&sock, "app-b", &["send", &uri, "during"]));
+    let sender =
+        std::thread::spawn(move || muxctl(&sock, "app-b", &["send", "--wait", &uri, "during"]));
     std::thread::sleep(Duration::from_millis(500));
     assert!(
         !sender.is_finished(),

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use muxd_e2e::{Daemon, RawClient, RecvError, Relay, muxctl_bin};
+use muxd_e2e::{Daemon, RawClient, RecvError, Relay};
 use muxd_ipc_proto::{Op, QueueInfo, ReceivedMessage, Reply, Response, ServerMessage};
 
 use crate::smp::{Queue, create_queue, expected, muxctl_ok, upstreams};
@@ -1032,9 +1032,9 @@ fn sigkill_and_restart_keep_queues_mailbox_and_pending_sends() {
     });
 }
 
-/// `muxctl export` (or the `export` request) writes a sealed backup of a running daemon's
-/// store; `muxd restore --from` makes a new data dir of it, and a daemon on that dir has
-/// the same queues and delivers what was waiting.
+/// `muxctl export` writes a sealed backup of a running daemon's store; `muxd restore --from`
+/// makes a new data dir of it, and a daemon on that dir has the same queues and delivers what
+/// was waiting.
 #[test]
 fn export_then_restore_into_a_new_data_dir() {
     let relay = Relay::start();
@@ -1043,7 +1043,7 @@ fn export_then_restore_into_a_new_data_dir() {
     let q1 = create_queue(&socket, "rx", relay.address(), false);
     let q2 = create_queue(&socket, "rx", relay.address(), false);
     let mut tx = daemon.client("tx");
-    send(&mut tx, &q1.uri, "kept", true);
+    send(&mut tx, &q1.uri, "kept-in-the-backup", true);
     let mut rx = daemon.client("rx");
     wait_until(
         Duration::from_secs(10),
@@ -1058,23 +1058,8 @@ fn export_then_restore_into_a_new_data_dir() {
     drop((tx, rx));
 
     let backup = daemon.dir().join("backup.muxd");
-    let help = muxctl_help();
-    if help.contains("export") {
-        let out = muxctl_ok(&socket, "rx", &["export", backup.to_str().unwrap()]);
-        eprintln!("muxctl export: {}", out.trim());
-    } else {
-        eprintln!("muxctl has no `export` command yet: using the `export` request");
-        let mut c = daemon.client("rx");
-        match c.request(Op::Export {
-            path: backup.display().to_string(),
-        }) {
-            ServerMessage::Response(Response {
-                reply: Reply::Exported { .. },
-                ..
-            }) => {}
-            other => panic!("export failed: {other:?}"),
-        }
-    }
+    let out = muxctl_ok(&socket, "rx", &["export", backup.to_str().unwrap()]);
+    assert!(out.contains("exported"), "{out}");
     let meta = std::fs::metadata(&backup).unwrap();
     {
         use std::os::unix::fs::PermissionsExt;
@@ -1082,7 +1067,7 @@ fn export_then_restore_into_a_new_data_dir() {
     }
     let contents = std::fs::read(&backup).unwrap();
     assert!(
-        !contains(&contents, b"kept"),
+        !contains(&contents, b"kept-in-the-backup"),
         "the backup holds a body in the clear"
     );
     daemon.stop();
@@ -1122,16 +1107,8 @@ fn export_then_restore_into_a_new_data_dir() {
     assert!(after.iter().any(|q| q.queue_id == q2.id));
     assert_eq!(
         receive_exactly(&mut rx, &q1.id, 1, Duration::from_secs(10)),
-        ["kept"]
+        ["kept-in-the-backup"]
     );
-}
-
-fn muxctl_help() -> String {
-    let out = std::process::Command::new(muxctl_bin())
-        .arg("--help")
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A damaged store stops `muxd run` with an error naming the file, and the file is left as
