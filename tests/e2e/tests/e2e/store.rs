@@ -924,10 +924,6 @@ fn no_key_bytes_in_the_store_or_the_log() {
         "secrets at rest in the clear:\n{}",
         hits.join("\n")
     );
-
-    // The check can see: the same secrets are found where they are in the clear.
-    let plain: Vec<u8> = secrets.iter().flat_map(|(_, s)| s.clone()).collect();
-    assert!(secrets.iter().all(|(_, s)| contains(&plain, s)));
 }
 
 /// Queues, received messages the app has not acknowledged, and sends still waiting for a
