@@ -381,13 +381,12 @@ impl<M: Mailbox> Pool<M> {
             server,
             sender_id: saved.sender_id.clone(),
         };
-        self.senders.insert(dest, sender);
-        // Recounted from scratch: cheap at restart, and right even if an entry came twice.
-        self.app_senders.clear();
-        for s in self.senders.values() {
-            for app in &s.apps {
-                *self.app_senders.entry(app.clone()).or_default() += 1;
-            }
+        for app in &sender.apps {
+            *self.app_senders.entry(app.clone()).or_default() += 1;
+        }
+        // A destination the journal named twice counts once.
+        if let Some(old) = self.senders.insert(dest, sender) {
+            self.uncount_sender(&old);
         }
         Ok(())
     }
@@ -2508,12 +2507,17 @@ impl<M: Mailbox> Pool<M> {
         }
         if let Some(s) = self.senders.remove(dest) {
             self.mailbox.forget_sender(&dest.server, &dest.sender_id);
-            for app in &s.apps {
-                if let Some(n) = self.app_senders.get_mut(app) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        self.app_senders.remove(app);
-                    }
+            self.uncount_sender(&s);
+        }
+    }
+
+    /// Takes a sender entry that is gone off its apps' `max_senders_per_app` counts.
+    fn uncount_sender(&mut self, s: &SndQueue) {
+        for app in &s.apps {
+            if let Some(n) = self.app_senders.get_mut(app) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.app_senders.remove(app);
                 }
             }
         }
