@@ -240,6 +240,10 @@ pub struct QueueInfo {
     /// Messages received and not yet acknowledged by the app.
     #[serde(default)]
     pub waiting: u32,
+    /// Copies of already delivered messages the daemon dropped on this queue (a server
+    /// re-delivery after a lost ACK, a sender's resend after a lost OK), kept across restarts.
+    #[serde(default)]
+    pub duplicates_suppressed: u64,
 }
 
 /// A message received on a queue, decrypted.

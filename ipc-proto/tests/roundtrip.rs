@@ -147,14 +147,15 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
 }
 
 fn queue_info() -> impl Strategy<Value = QueueInfo> {
-    (text(), text(), text(), any::<u32>()).prop_map(|(queue_id, server, queue_uri, waiting)| {
-        QueueInfo {
+    (text(), text(), text(), any::<u32>(), any::<u64>()).prop_map(
+        |(queue_id, server, queue_uri, waiting, duplicates_suppressed)| QueueInfo {
             queue_id,
             server,
             queue_uri,
             waiting,
-        }
-    })
+            duplicates_suppressed,
+        },
+    )
 }
 
 fn received() -> impl Strategy<Value = ReceivedMessage> {

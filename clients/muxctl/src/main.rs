@@ -464,11 +464,14 @@ async fn queue(client: &mut Client, out: &mut Output, cmd: QueueCommand) -> anyh
             if queues.is_empty() {
                 return out.text("no queues");
             }
-            let mut text = format!("{:<34} {:>7}  {}", "QUEUE ID", "WAITING", "SERVER");
+            let mut text = format!(
+                "{:<34} {:>7} {:>6}  {}",
+                "QUEUE ID", "WAITING", "DUPS", "SERVER"
+            );
             for q in &queues {
                 text.push_str(&format!(
-                    "\n{:<34} {:>7}  {}",
-                    q.queue_id, q.waiting, q.server
+                    "\n{:<34} {:>7} {:>6}  {}",
+                    q.queue_id, q.waiting, q.duplicates_suppressed, q.server
                 ));
             }
             out.text(&text)

@@ -135,6 +135,18 @@ pub trait Mailbox {
     fn message_finished(&mut self, id: u64, outcome: &MessageOutcome) {
         let _ = (id, outcome);
     }
+
+    /// The pool dropped a copy of a message already delivered on `queue_id`; `total` is the
+    /// queue's count so far. Kept so the count survives restarts (the crash test reports it).
+    fn duplicate_dropped(&mut self, queue_id: &str, total: u64) {
+        let _ = (queue_id, total);
+    }
+
+    /// The count [`Self::duplicate_dropped`] kept for `queue_id`; 0 when none is kept.
+    fn duplicates_dropped(&self, queue_id: &str) -> u64 {
+        let _ = queue_id;
+        0
+    }
 }
 
 /// A [`Mailbox`] in memory: lost when the daemon stops.

@@ -363,6 +363,8 @@ impl<M: Mailbox> Pool<M> {
         if let Some(window) = self.mailbox.delivered_seqs(&saved.queue_id) {
             queue.delivered = window;
         }
+        queue.duplicates_suppressed = self.mailbox.duplicates_dropped(&saved.queue_id);
+        self.duplicates_suppressed += queue.duplicates_suppressed;
         let usage = self.usage(&saved.queue_id);
         self.account(&queue.app, Waiting::default(), usage);
         if let Some(s) = self.servers.get_mut(&key) {
@@ -2247,6 +2249,8 @@ impl<M: Mailbox> Pool<M> {
                         tracing::debug!(server = %key, %queue_id, seq, "dropping a copy");
                         q.duplicates_suppressed += 1;
                         self.duplicates_suppressed += 1;
+                        self.mailbox
+                            .duplicate_dropped(&queue_id, q.duplicates_suppressed);
                     }
                     Admitted::Malformed(e) => {
                         tracing::warn!(server = %key, %queue_id, error = %e, "dropping a message");

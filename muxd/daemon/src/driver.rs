@@ -1140,6 +1140,7 @@ fn queue_info(q: &muxd_core::QueueInfo) -> QueueInfo {
         server: q.server.to_string(),
         queue_uri: q.queue_uri.clone(),
         waiting: u32::try_from(q.waiting).unwrap_or(u32::MAX),
+        duplicates_suppressed: q.duplicates_suppressed,
     }
 }
 
