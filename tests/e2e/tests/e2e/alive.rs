@@ -352,8 +352,10 @@ fn lag_reports_the_injected_round_trip_delay() {
     assert!(delayed.iter().all(|e| e["server"] == slow_server.as_str()));
     let injected = echo_p50(echo_slow.addr(), 20).saturating_sub(echo_p50(echo_plain.addr(), 20));
     let injected = u64::try_from(injected.as_micros()).unwrap();
+    // A sanity check of the proxy only (timer overshoot on a loaded 2-core machine adds a few
+    // ms); what is under test is the daemon's figure against this measured one, below.
     assert!(
-        (40_000..45_000).contains(&injected),
+        (40_000..60_000).contains(&injected),
         "the proxy adds {injected} µs for 2 × 20 ms"
     );
     let overhead = ping_p50(&base);

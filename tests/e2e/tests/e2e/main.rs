@@ -6,6 +6,7 @@
 mod alive;
 mod daemon;
 mod grp;
+mod grp_wire;
 mod hostile;
 mod muxctl;
 mod python;

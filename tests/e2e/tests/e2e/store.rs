@@ -483,7 +483,7 @@ fn crash_test_ten_thousand_messages_fifty_kills() {
     let shared = crash::Shared::new(started + Duration::from_secs(400));
     let mut kills = 0usize;
     let mut kills_while_starting = 0usize;
-    let (sent, received) = std::thread::scope(|s| {
+    let (sent, received, dropped) = std::thread::scope(|s| {
         let senders: Vec<_> = queues
             .iter()
             .enumerate()
@@ -563,11 +563,16 @@ fn crash_test_ten_thousand_messages_fifty_kills() {
         shared.stop_receivers.store(true, Ordering::Release);
         let received: Vec<crash::Received> =
             receivers.into_iter().map(|t| t.join().unwrap()).collect();
-        (sent, received)
+        // The daemon's own count, journaled with each dropped copy, over every run.
+        let dropped: u64 = queue_list(&mut admin)
+            .iter()
+            .map(|q| q.duplicates_suppressed)
+            .sum();
+        (sent, received, dropped)
     });
 
     let logs = daemon.logs();
-    let suppressed = logs.matches("dropping a copy").count();
+    let logged = logs.matches("dropping a copy").count();
     let accepted: usize = sent.iter().map(|s| s.accepted.len()).sum();
     let unknown: usize = sent.iter().map(|s| s.unknown.len()).sum();
     let unknown_arrived: usize = sent
@@ -582,8 +587,9 @@ fn crash_test_ten_thousand_messages_fifty_kills() {
         "crash test (seed {seed}): {kills} SIGKILLs ({kills_while_starting} while starting), \
          {} daemon runs; {accepted} sends accepted, {unknown} unknown ({unknown_arrived} of \
          them arrived), {delivered} delivered; {redelivered} redelivered after a crash (ack \
-         unanswered); {duplicates} duplicates; dedup dropped {suppressed} copies (debug log \
-         lines; a kill may lose a few); sender reconnects {}, receiver reconnects {}; {:?}",
+         unanswered); {duplicates} duplicates; dedup dropped {dropped} copies (the queues' \
+         duplicates_suppressed; {logged} debug log lines); sender reconnects {}, receiver \
+         reconnects {}; {:?}",
         daemon.runs(),
         sent.iter().map(|s| s.reconnects).sum::<usize>(),
         received.iter().map(|r| r.reconnects).sum::<usize>(),
