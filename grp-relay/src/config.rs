@@ -50,10 +50,18 @@ pub struct ListenConfig {
     pub tcp: Option<SocketAddr>,
     /// QUIC on UDP (`grp+quic://`).
     pub quic: Option<SocketAddr>,
-    /// Plain WebSocket (`grp+ws://`); put a TLS reverse proxy in front for `grp+wss://`.
+    /// Plain WebSocket (`grp+ws://`).
     pub ws: Option<SocketAddr>,
-    /// The WebSocket path.
+    /// WebSocket over TLS (`grp+wss://`), served with `tls_cert`/`tls_key`, or with a
+    /// self-signed certificate generated at start when neither is set (GRP clients do not
+    /// verify it: the relay's identity is its Noise key, §4.3). Off by default.
+    pub wss: Option<SocketAddr>,
+    /// The WebSocket path (both `ws` and `wss`).
     pub ws_path: String,
+    /// PEM certificate chain for `wss`, leaf first; requires `tls_key`.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) for `wss`; requires `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for ListenConfig {
@@ -63,7 +71,11 @@ impl Default for ListenConfig {
             quic: Some(SocketAddr::from(([127, 0, 0, 1], 7443))),
             // Port 80 needs privileges; 7480 keeps the default runnable as a normal user.
             ws: Some(SocketAddr::from(([127, 0, 0, 1], 7480))),
+            // Off by default: an operator who serves TLS chooses its port and certificate.
+            wss: None,
             ws_path: muxd_grp::address::DEFAULT_WS_PATH.to_owned(),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -220,7 +232,10 @@ impl Config {
         format!(
             "# grp-relay configuration (GRP/1 reference relay).\n\
              # Listeners default to loopback; set public addresses explicitly to serve others.\n\
-             # allow_relays: base64url static keys of relays that may open relay links here.\n\n{body}"
+             # allow_relays: base64url static keys of relays that may open relay links here.\n\
+             # grp+wss (off by default): under [listen], wss = \"0.0.0.0:443\" and, for a\n\
+             # certificate of your own, tls_cert/tls_key = PEM file paths; without them the relay\n\
+             # generates a self-signed one (GRP clients verify the relay's key, not the certificate).\n\n{body}"
         )
     }
 
@@ -247,6 +262,19 @@ impl Config {
             });
         if !valid_path {
             return Err(ConfigError::Invalid(format!("bad WebSocket path {p:?}")));
+        }
+        match (&self.listen.tls_cert, &self.listen.tls_key) {
+            (Some(_), None) => {
+                return Err(ConfigError::Invalid(
+                    "listen.tls_cert is set but listen.tls_key is not (both or neither)".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "listen.tls_key is set but listen.tls_cert is not (both or neither)".into(),
+                ));
+            }
+            _ => {}
         }
         if self.limits.max_subscriptions < 10_000 {
             return Err(ConfigError::Invalid(
@@ -368,6 +396,18 @@ mod tests {
         let mut c = Config::default();
         c.listen.tcp = None;
         assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.listen.wss = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        c.validate().unwrap();
+        c.listen.tls_cert = Some("cert.pem".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("listen.tls_key"), "{e}");
+        c.listen.tls_cert = None;
+        c.listen.tls_key = Some("key.pem".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("listen.tls_cert"), "{e}");
+        c.listen.tls_cert = Some("cert.pem".into());
+        c.validate().unwrap();
         let bounds = CoverPolicy {
             min_rate: 5000,
             max_rate: 10,

@@ -1,7 +1,7 @@
 //! `grp-relay`: the reference GRP/1 relay (`shared/spec/grp.md`).
 //!
 //! The protocol state machines live in `muxd-grp` (sans-IO). This crate is the IO shell an
-//! operator runs: accept loops for the three carriers ([`carrier`]), one task per link that
+//! operator runs: accept loops for the carriers (TCP, QUIC, WebSocket plain and over TLS) ([`carrier`]), one task per link that
 //! drives a [`muxd_grp::relay::RelayLink`] with tokio time (`server`), the in-memory queue
 //! store and the §9 command rules, and the proxy side of two-hop sending, which opens relay
 //! links to destination relays with this relay's own static key ([`proxy`]).
@@ -55,6 +55,9 @@ pub enum StartError {
     /// The QUIC TLS setup failed.
     #[error("QUIC setup: {0}")]
     Quic(String),
+    /// The `grp+wss` TLS setup failed (unreadable or mismatched certificate and key).
+    #[error("wss setup: {0}")]
+    Tls(String),
 }
 
 /// State shared by every task of one relay.
@@ -86,6 +89,8 @@ pub struct Addresses {
     pub quic: Option<SocketAddr>,
     /// WebSocket, if enabled.
     pub ws: Option<SocketAddr>,
+    /// WebSocket over TLS, if enabled.
+    pub wss: Option<SocketAddr>,
 }
 
 /// The relay entry point.
@@ -160,14 +165,17 @@ impl RelayHandle {
         if let Some(q) = a.quic {
             out.push(format!("grp+quic://{key}@{}:{}", host(q), q.port()));
         }
+        let path = &self.shared.config.listen.ws_path;
+        let path = if path == muxd_grp::address::DEFAULT_WS_PATH {
+            ""
+        } else {
+            path.as_str()
+        };
         if let Some(w) = a.ws {
-            let path = &self.shared.config.listen.ws_path;
-            let path = if path == muxd_grp::address::DEFAULT_WS_PATH {
-                ""
-            } else {
-                path.as_str()
-            };
             out.push(format!("grp+ws://{key}@{}:{}{path}", host(w), w.port()));
+        }
+        if let Some(w) = a.wss {
+            out.push(format!("grp+wss://{key}@{}:{}{path}", host(w), w.port()));
         }
         out
     }

@@ -53,12 +53,18 @@ struct Opts {
     /// WebSocket listen address.
     #[arg(long, global = true)]
     listen_ws: Option<SocketAddr>,
+    /// WebSocket-over-TLS listen address (`grp+wss`; see `listen.tls_cert`/`tls_key`).
+    #[arg(long, global = true)]
+    listen_wss: Option<SocketAddr>,
     /// Disable the QUIC listener.
     #[arg(long, global = true)]
     no_quic: bool,
     /// Disable the WebSocket listener.
     #[arg(long, global = true)]
     no_ws: bool,
+    /// Disable the WebSocket-over-TLS listener.
+    #[arg(long, global = true)]
+    no_wss: bool,
     /// Allow relay links from this relay key (base64url); repeatable.
     #[arg(long = "allow-relay", global = true)]
     allow_relays: Vec<String>,
@@ -89,11 +95,17 @@ impl Opts {
         if let Some(a) = self.listen_ws {
             c.listen.ws = Some(a);
         }
+        if let Some(a) = self.listen_wss {
+            c.listen.wss = Some(a);
+        }
         if self.no_quic {
             c.listen.quic = None;
         }
         if self.no_ws {
             c.listen.ws = None;
+        }
+        if self.no_wss {
+            c.listen.wss = None;
         }
         c.allow_relays.extend(self.allow_relays.iter().cloned());
         if self.public_host.is_some() {
@@ -176,6 +188,7 @@ fn write_stats(path: &std::path::Path, s: &grp_relay::stats::Snapshot) {
         ("accepted_tcp", s.accepted_tcp),
         ("accepted_quic", s.accepted_quic),
         ("accepted_ws", s.accepted_ws),
+        ("accepted_wss", s.accepted_wss),
         ("client_links", s.client_links),
         ("relay_links_in", s.relay_links_in),
         ("relay_links_out", s.relay_links_out),

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use crate::carrier::Carrier;
 use crate::carrier::quic::QuicCarrier;
 use crate::carrier::tcp::TcpCarrier;
-use crate::carrier::ws::WsCarrier;
+use crate::carrier::ws::{WsCarrier, WssTls};
 use crate::commands::{Action, LinkCommands, Reply};
 use crate::proxy::{self, ClientProxy};
 use crate::shadow::Shadow;
@@ -67,7 +67,36 @@ pub(crate) async fn listen(shared: &Arc<RelayShared>) -> Result<Addresses, Start
                 .await
                 .map_err(bind_err("ws", addr))?;
             let local = l.local_addr().map_err(bind_err("ws", addr))?;
-            shared.tracker.spawn(accept_ws(shared.clone(), l));
+            shared.tracker.spawn(accept_ws(shared.clone(), l, None));
+            Some(local)
+        }
+        None => None,
+    };
+    let wss = match listen.wss {
+        Some(addr) => {
+            let files = listen.tls_cert.as_deref().zip(listen.tls_key.as_deref());
+            let name = shared
+                .config
+                .public_host
+                .as_deref()
+                .unwrap_or("grp-relay.invalid");
+            let tls = WssTls::new(files, name).map_err(StartError::Tls)?;
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(bind_err("wss", addr))?;
+            let local = l.local_addr().map_err(bind_err("wss", addr))?;
+            if tls.is_generated() {
+                // Fine for GRP clients (they verify the Noise key, not the certificate); a
+                // CDN or reverse proxy that checks its origin needs the operator's own.
+                tracing::warn!(
+                    %local,
+                    "wss: no listen.tls_cert/listen.tls_key configured; serving a generated \
+                     self-signed certificate"
+                );
+            }
+            shared
+                .tracker
+                .spawn(accept_ws(shared.clone(), l, Some(tls)));
             Some(local)
         }
         None => None,
@@ -76,6 +105,7 @@ pub(crate) async fn listen(shared: &Arc<RelayShared>) -> Result<Addresses, Start
         tcp: tcp_local,
         quic,
         ws,
+        wss,
     })
 }
 
@@ -127,7 +157,13 @@ async fn accept_quic(shared: Arc<RelayShared>, endpoint: quinn::Endpoint) {
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
 }
 
-async fn accept_ws(shared: Arc<RelayShared>, listener: TcpListener) {
+/// The WebSocket accept loop, for `grp+ws` (`tls` unset) and `grp+wss`.
+async fn accept_ws(shared: Arc<RelayShared>, listener: TcpListener, tls: Option<WssTls>) {
+    let kind = if tls.is_some() {
+        CarrierKind::Wss
+    } else {
+        CarrierKind::Ws
+    };
     loop {
         let (stream, peer) = tokio::select! {
             () = shared.shutdown.cancelled() => return,
@@ -141,14 +177,15 @@ async fn accept_ws(shared: Arc<RelayShared>, listener: TcpListener) {
             },
         };
         let s = shared.clone();
+        let tls = tls.clone();
         shared.tracker.spawn(async move {
             let path = s.config.listen.ws_path.clone();
             let upgraded = tokio::select! {
                 () = s.shutdown.cancelled() => None,
-                c = WsCarrier::accept(stream, &path, HS_TIMEOUT) => c,
+                c = WsCarrier::accept_over(stream, tls.as_ref(), &path, HS_TIMEOUT) => c,
             };
             if let Some(c) = upgraded {
-                s.counters.accepted(CarrierKind::Ws);
+                s.counters.accepted(kind);
                 serve_link(s, Carrier::Ws(Box::new(c)), peer).await;
             }
         });

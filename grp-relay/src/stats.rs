@@ -20,6 +20,8 @@ pub enum CarrierKind {
     Quic,
     /// WebSocket.
     Ws,
+    /// WebSocket over TLS.
+    Wss,
 }
 
 /// Live counters, shared by every task of one relay.
@@ -28,6 +30,7 @@ pub struct Counters {
     accepted_tcp: AtomicU64,
     accepted_quic: AtomicU64,
     accepted_ws: AtomicU64,
+    accepted_wss: AtomicU64,
     client_links: AtomicU64,
     relay_links_in: AtomicU64,
     relay_links_out: AtomicU64,
@@ -63,6 +66,8 @@ pub struct Snapshot {
     pub accepted_quic: u64,
     /// Carriers accepted over WebSocket.
     pub accepted_ws: u64,
+    /// Carriers accepted over WebSocket over TLS.
+    pub accepted_wss: u64,
     /// Accepted links that completed a role-`'C'` handshake.
     pub client_links: u64,
     /// Accepted links that completed a role-`'R'` handshake (allow-listed relays).
@@ -154,6 +159,7 @@ impl Counters {
             CarrierKind::Tcp => &self.accepted_tcp,
             CarrierKind::Quic => &self.accepted_quic,
             CarrierKind::Ws => &self.accepted_ws,
+            CarrierKind::Wss => &self.accepted_wss,
         };
         a.fetch_add(1, Ordering::Relaxed);
     }
@@ -195,6 +201,7 @@ impl Counters {
             accepted_tcp: get(&self.accepted_tcp),
             accepted_quic: get(&self.accepted_quic),
             accepted_ws: get(&self.accepted_ws),
+            accepted_wss: get(&self.accepted_wss),
             client_links: get(&self.client_links),
             relay_links_in: get(&self.relay_links_in),
             relay_links_out: get(&self.relay_links_out),

@@ -19,6 +19,7 @@ use muxd_smp::e2e::{RcvMsgBody, decrypt_msg_body};
 use muxd_smp::error::{BrokerError, CmdError, ErrorType, ProxyError};
 use muxd_smp::keys::{Ed25519SecretKey, X25519PublicKey, X25519SecretKey};
 use rand_core::{OsRng, RngCore};
+use rustls::pki_types::pem::PemObject as _;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -132,7 +133,7 @@ async fn proxied(
 #[tokio::test]
 async fn handshake_over_each_carrier() {
     let relay = start(test_config(random_key())).await;
-    for via in [Via::Tcp, Via::Quic, Via::Ws] {
+    for via in [Via::Tcp, Via::Quic, Via::Ws, Via::Wss] {
         let mut c = Client::connect(&relay, via).await;
         assert_eq!(c.cover_rate, 200, "client-link default rate");
         let (e, r) = c.call(b"", b"PING", None).await;
@@ -145,9 +146,17 @@ async fn handshake_over_each_carrier() {
         );
     }
     let s = relay.snapshot();
-    assert_eq!((s.accepted_tcp, s.accepted_quic, s.accepted_ws), (1, 1, 1));
-    assert_eq!(s.client_links, 3);
-    assert_eq!(s.commands.get("PING"), Some(&3));
+    assert_eq!(
+        (
+            s.accepted_tcp,
+            s.accepted_quic,
+            s.accepted_ws,
+            s.accepted_wss
+        ),
+        (1, 1, 1, 1)
+    );
+    assert_eq!(s.client_links, 4);
+    assert_eq!(s.commands.get("PING"), Some(&4));
     assert_eq!(s.handshake_failures, 0);
     relay.shutdown().await;
 }
@@ -478,17 +487,18 @@ async fn graceful_shutdown_says_goodbye() {
     let mut tcp = Client::connect(&relay, Via::Tcp).await;
     let mut ws = Client::connect(&relay, Via::Ws).await;
     let mut quic = Client::connect(&relay, Via::Quic).await;
+    let mut wss = Client::connect(&relay, Via::Wss).await;
     let counters = relay.counters();
     let t = Instant::now();
     relay.shutdown().await;
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
-    for c in [&mut tcp, &mut ws, &mut quic] {
+    for c in [&mut tcp, &mut ws, &mut quic, &mut wss] {
         assert_eq!(
             c.wait_closed(Duration::from_secs(5)).await,
             Some(CloseReason::Goodbye(GoodbyeReason::Shutdown))
         );
     }
-    assert_eq!(counters.snapshot().goodbyes_sent, 3);
+    assert_eq!(counters.snapshot().goodbyes_sent, 4);
 }
 
 #[tokio::test]
@@ -532,5 +542,134 @@ async fn overload_is_refused_like_a_bad_handshake() {
     let s = relay.snapshot();
     assert_eq!((s.client_links, s.handshake_failures), (1, 1));
     drop(first);
+    relay.shutdown().await;
+}
+
+/// A self-signed certificate for `name` as (certificate PEM, PKCS#8 key PEM).
+fn pem_pair(name: &str) -> (String, String) {
+    let c = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
+    (
+        pem("CERTIFICATE", c.cert.der()),
+        pem("PRIVATE KEY", &c.signing_key.serialize_der()),
+    )
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+        lines.join("\n")
+    )
+}
+
+#[tokio::test]
+async fn wss_serves_the_operators_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = pem_pair("relay.example");
+    std::fs::write(dir.path().join("cert.pem"), &cert).unwrap();
+    std::fs::write(dir.path().join("key.pem"), &key).unwrap();
+    let mut cfg = test_config(random_key());
+    cfg.listen.tls_cert = Some(dir.path().join("cert.pem"));
+    cfg.listen.tls_key = Some(dir.path().join("key.pem"));
+    let relay = start(cfg).await;
+    let wss = relay.addresses().wss.unwrap();
+    assert!(
+        relay.urls().contains(&format!(
+            "grp+wss://{}@127.0.0.1:{}",
+            URL_SAFE.encode(relay.public_key()),
+            wss.port()
+        )),
+        "{:?}",
+        relay.urls()
+    );
+
+    // A verifying client (as a CDN in front of the relay would be) that trusts only the
+    // operator's certificate accepts what the listener serves, and gets ALPN http/1.1.
+    let mut roots = rustls::RootCertStore::empty();
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
+    roots.add(der.clone()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = TcpStream::connect(wss).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("relay.example").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .expect("the operator's certificate verifies");
+    let (_, conn) = stream.get_ref();
+    assert_eq!(conn.alpn_protocol(), Some(&b"http/1.1"[..]));
+    assert_eq!(conn.peer_certificates().unwrap()[0], der);
+    drop(stream);
+
+    // And GRP runs over it.
+    let mut c = Client::connect(&relay, Via::Wss).await;
+    let (_, r) = c.call(b"", b"PING", None).await;
+    assert_eq!(response(&r), Response::Pong);
+    assert_eq!(relay.snapshot().accepted_wss, 1);
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn wss_certificate_errors_name_the_config_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, _) = pem_pair("relay.example");
+    let (_, other_key) = pem_pair("relay.example");
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, &cert).unwrap();
+    let start_err = |cert: &std::path::Path, key: &std::path::Path| {
+        let mut cfg = test_config(random_key());
+        cfg.listen.tls_cert = Some(cert.to_owned());
+        cfg.listen.tls_key = Some(key.to_owned());
+        async move {
+            grp_relay::Relay::start(cfg)
+                .await
+                .expect_err("the relay refuses to start")
+                .to_string()
+        }
+    };
+    // The key file is missing.
+    let e = start_err(&cert_path, &key_path).await;
+    assert!(e.contains("listen.tls_key") && e.contains("key.pem"), "{e}");
+    // The certificate file holds no certificate.
+    std::fs::write(&key_path, &other_key).unwrap();
+    let e = start_err(&key_path, &key_path).await;
+    assert!(e.contains("listen.tls_cert"), "{e}");
+    // The key does not belong to the certificate.
+    let e = start_err(&cert_path, &key_path).await;
+    assert!(e.contains("listen.tls_key"), "{e}");
+}
+
+#[tokio::test]
+async fn wss_and_ws_listeners_do_not_speak_each_other() {
+    let relay = start(test_config(random_key())).await;
+    let a = relay.addresses();
+    // TLS to the plain port and plain HTTP to the TLS port both fail quickly.
+    let tls = tokio::time::timeout(
+        Duration::from_secs(5),
+        grp_relay::carrier::ws::WsCarrier::connect_tls(a.ws.unwrap(), "localhost", "/grp"),
+    )
+    .await
+    .expect("no hang");
+    assert!(tls.is_err());
+    let plain = tokio::time::timeout(
+        Duration::from_secs(5),
+        grp_relay::carrier::ws::WsCarrier::connect(a.wss.unwrap(), "/grp"),
+    )
+    .await
+    .expect("no hang");
+    assert!(plain.is_err());
+    let s = relay.snapshot();
+    assert_eq!((s.accepted_ws, s.accepted_wss), (0, 0));
     relay.shutdown().await;
 }

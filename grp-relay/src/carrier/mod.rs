@@ -1,4 +1,4 @@
-//! The three carriers (§4) behind one interface: bytes in, bytes out, graceful and silent
+//! The carriers (§4: TCP, QUIC, WebSocket plain or over TLS) behind one interface: bytes in, bytes out, graceful and silent
 //! closes. GRP's own timers govern liveness, so no carrier keep-alive is relied on.
 
 pub mod quic;
@@ -15,7 +15,7 @@ pub enum Carrier {
     Tcp(tcp::TcpCarrier),
     /// QUIC's single bidirectional stream.
     Quic(quic::QuicCarrier),
-    /// A WebSocket; every message is exactly one record.
+    /// A WebSocket (`grp+ws` or `grp+wss`); every message is exactly one record.
     Ws(Box<ws::WsCarrier>),
 }
 

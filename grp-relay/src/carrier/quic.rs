@@ -167,9 +167,9 @@ pub fn client_endpoint(bind: SocketAddr) -> io::Result<quinn::Endpoint> {
     Ok(endpoint)
 }
 
-/// Accepts every certificate: the QUIC certificate is not an identity in GRP.
+/// Accepts every certificate: a certificate is not an identity in GRP (QUIC and `grp+wss`).
 #[derive(Debug)]
-struct AnyCertificate;
+pub(crate) struct AnyCertificate;
 
 impl ServerCertVerifier for AnyCertificate {
     fn verify_server_cert(

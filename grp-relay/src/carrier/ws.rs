@@ -1,13 +1,23 @@
 //! WebSocket (§4.3): `GET <path>` with subprotocol `grp.1`, no extensions, no preamble, and
 //! exactly one binary message per record. Any other request gets a bare 404.
+//!
+//! `grp+ws` and `grp+wss` share all of it: `grp+wss` only puts a TLS layer ([`WssTls`])
+//! between TCP and the WebSocket. The certificate is not an identity (the relay proves its
+//! Noise key in the handshake), so a generated self-signed one serves GRP clients as well as a
+//! real one; a real one matters only to a CDN or reverse proxy that checks its origin.
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
-use tokio::io::AsyncWriteExt as _;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -19,10 +29,86 @@ use tokio_tungstenite::tungstenite::{Bytes, Message};
 /// The GRP/1 subprotocol.
 pub const SUBPROTOCOL: &str = "grp.1";
 
-/// A WebSocket carrying GRP records.
+/// TLS ALPN: the WebSocket upgrade is HTTP/1.1.
+const ALPN: &[u8] = b"http/1.1";
+
+/// A WebSocket carrying GRP records, over TCP (`grp+ws`) or TLS (`grp+wss`).
 #[derive(Debug)]
 pub struct WsCarrier {
-    ws: WebSocketStream<TcpStream>,
+    ws: WebSocketStream<Box<dyn WsIo>>,
+}
+
+/// The byte stream under a WebSocket: plain TCP or TLS over TCP.
+trait WsIo: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug> WsIo for T {}
+
+/// The TLS side of a `grp+wss` listener.
+#[derive(Clone)]
+pub struct WssTls {
+    acceptor: TlsAcceptor,
+    generated: bool,
+}
+
+impl std::fmt::Debug for WssTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WssTls")
+            .field("generated", &self.generated)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WssTls {
+    /// Loads the certificate chain and key from PEM files (`listen.tls_cert`,
+    /// `listen.tls_key`), or, when `files` is `None`, generates a self-signed certificate for
+    /// `name`. Errors name the config key and the file.
+    pub fn new(files: Option<(&Path, &Path)>, name: &str) -> Result<Self, String> {
+        let (chain, key, generated) = match files {
+            Some((cert_path, key_path)) => {
+                let chain = CertificateDer::pem_file_iter(cert_path)
+                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| format!("listen.tls_cert {}: {e}", cert_path.display()))?;
+                if chain.is_empty() {
+                    return Err(format!(
+                        "listen.tls_cert {}: no PEM certificate in the file",
+                        cert_path.display()
+                    ));
+                }
+                let key = PrivateKeyDer::from_pem_file(key_path)
+                    .map_err(|e| format!("listen.tls_key {}: {e}", key_path.display()))?;
+                (chain, key, false)
+            }
+            None => {
+                let cert = rcgen::generate_simple_self_signed(vec![name.to_owned()])
+                    .map_err(|e| format!("generating a self-signed certificate: {e}"))?;
+                let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+                    cert.signing_key.serialize_der(),
+                ));
+                (vec![cert.cert.der().clone()], key, true)
+            }
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            // rustls checks that the key matches the leaf certificate.
+            .map_err(|e| format!("listen.tls_cert/listen.tls_key: {e}"))?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        // Resumption would let the relay link a client's connections (as for QUIC, §4.2).
+        tls.send_tls13_tickets = 0;
+        tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        Ok(Self {
+            acceptor: TlsAcceptor::from(Arc::new(tls)),
+            generated,
+        })
+    }
+
+    /// Whether the certificate was generated (no files configured).
+    pub fn is_generated(&self) -> bool {
+        self.generated
+    }
 }
 
 fn config() -> WebSocketConfig {
@@ -50,10 +136,38 @@ fn offers_grp(req: &Request) -> bool {
 impl WsCarrier {
     /// Relay side: runs the upgrade on `stream` within `deadline`. A wrong path or a missing
     /// subprotocol is answered 404 with an empty body; cookies and `Origin` are ignored.
+    pub async fn accept(stream: TcpStream, path: &str, deadline: Duration) -> Option<Self> {
+        Self::accept_over(stream, None, path, deadline).await
+    }
+
+    /// Relay side, with TLS below the WebSocket when `tls` is set (`grp+wss`): the TLS
+    /// handshake and the upgrade together must finish within `deadline`.
+    pub async fn accept_over(
+        stream: TcpStream,
+        tls: Option<&WssTls>,
+        path: &str,
+        deadline: Duration,
+    ) -> Option<Self> {
+        let _ = stream.set_nodelay(true);
+        let setup = async {
+            let io: Box<dyn WsIo> = match tls {
+                None => Box::new(stream),
+                Some(t) => match t.acceptor.accept(stream).await {
+                    Ok(s) => Box::new(s),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                        return None;
+                    }
+                },
+            };
+            Self::upgrade(io, path).await
+        };
+        tokio::time::timeout(deadline, setup).await.ok().flatten()
+    }
+
     // The callback's error type is tungstenite's `ErrorResponse`, an HTTP response by value.
     #[allow(clippy::result_large_err)]
-    pub async fn accept(stream: TcpStream, path: &str, deadline: Duration) -> Option<Self> {
-        let _ = stream.set_nodelay(true);
+    async fn upgrade(io: Box<dyn WsIo>, path: &str) -> Option<Self> {
         let check = |req: &Request, mut resp: Response| {
             if req.uri().path() != path || !offers_grp(req) {
                 return Err(not_found());
@@ -64,15 +178,12 @@ impl WsCarrier {
             );
             Ok(resp)
         };
-        let upgrade =
-            tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config()));
-        match tokio::time::timeout(deadline, upgrade).await {
-            Ok(Ok(ws)) => Some(Self { ws }),
-            Ok(Err(e)) => {
+        match tokio_tungstenite::accept_hdr_async_with_config(io, check, Some(config())).await {
+            Ok(ws) => Some(Self { ws }),
+            Err(e) => {
                 tracing::debug!(error = %e, "WebSocket upgrade refused");
                 None
             }
-            Err(_) => None,
         }
     }
 
@@ -80,14 +191,38 @@ impl WsCarrier {
     pub async fn connect(addr: SocketAddr, path: &str) -> io::Result<Self> {
         let stream = TcpStream::connect(addr).await?;
         let _ = stream.set_nodelay(true);
-        let mut req = format!("ws://{addr}{path}")
-            .into_client_request()
-            .map_err(io::Error::other)?;
+        Self::client_upgrade(&format!("ws://{addr}{path}"), Box::new(stream)).await
+    }
+
+    /// Client side over TLS: connects to `wss://addr{path}` asking for `grp.1`, with SNI
+    /// `server_name` (when it is a DNS name) and any certificate accepted (§4.3).
+    pub async fn connect_tls(addr: SocketAddr, server_name: &str, path: &str) -> io::Result<Self> {
+        let stream = TcpStream::connect(addr).await?;
+        let _ = stream.set_nodelay(true);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(io::Error::other)?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(super::quic::AnyCertificate))
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        tls.resumption = rustls::client::Resumption::disabled();
+        let name = ServerName::try_from(server_name.to_owned())
+            .unwrap_or_else(|_| ServerName::IpAddress(addr.ip().into()));
+        let stream = TlsConnector::from(Arc::new(tls))
+            .connect(name, stream)
+            .await?;
+        Self::client_upgrade(&format!("wss://{addr}{path}"), Box::new(stream)).await
+    }
+
+    async fn client_upgrade(url: &str, io: Box<dyn WsIo>) -> io::Result<Self> {
+        let mut req = url.into_client_request().map_err(io::Error::other)?;
         req.headers_mut().insert(
             "Sec-WebSocket-Protocol",
             HeaderValue::from_static(SUBPROTOCOL),
         );
-        let (ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(config()))
+        let (ws, _) = tokio_tungstenite::client_async_with_config(req, io, Some(config()))
             .await
             .map_err(io::Error::other)?;
         Ok(Self { ws })

@@ -53,6 +53,7 @@ pub fn test_config(secret: [u8; 32]) -> Config {
     c.listen.tcp = Some(any);
     c.listen.quic = Some(any);
     c.listen.ws = Some(any);
+    c.listen.wss = Some(any);
     c.static_key = Some(StaticKey(Zeroizing::new(secret)));
     c.cover.max_delay_ms = Some(20);
     c.cover.relay_link_max_delay_ms = Some(20);
@@ -68,6 +69,7 @@ pub enum Via {
     Tcp,
     Quic,
     Ws,
+    Wss,
 }
 
 pub async fn open_carrier(relay: &RelayHandle, via: Via) -> (Carrier, SocketAddr) {
@@ -90,6 +92,15 @@ pub async fn open_carrier(relay: &RelayHandle, via: Via) -> (Carrier, SocketAddr
         }
         Via::Ws => {
             let c = WsCarrier::connect(a.ws.unwrap(), "/grp").await.unwrap();
+            (
+                Carrier::Ws(Box::new(c)),
+                SocketAddr::from(([0, 0, 0, 0], 0)),
+            )
+        }
+        Via::Wss => {
+            let c = WsCarrier::connect_tls(a.wss.unwrap(), "localhost", "/grp")
+                .await
+                .unwrap();
             (
                 Carrier::Ws(Box::new(c)),
                 SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -120,7 +131,7 @@ impl Client {
     pub async fn connect(relay: &RelayHandle, via: Via) -> Self {
         let (carrier, local) = open_carrier(relay, via).await;
         let mut cfg = ConnectionConfig::client(relay.public_key());
-        cfg.preamble = via != Via::Ws;
+        cfg.preamble = !matches!(via, Via::Ws | Via::Wss);
         cfg.cover = Some(FAST);
         Self::over(carrier, local, cfg).await.expect("handshake")
     }

@@ -218,7 +218,14 @@ async fn open(server: &ServerKey) -> Result<(GrpCarrier, RelayAddress), String> 
         Carrier::Tcp => GrpCarrierKind::Tcp,
         Carrier::Quic => GrpCarrierKind::Quic,
         Carrier::Ws => GrpCarrierKind::Ws,
-        _ => return Err("grp+wss:// is not supported by this daemon yet".to_owned()),
+        Carrier::Wss => GrpCarrierKind::Wss,
+        // `Carrier` is non-exhaustive: a form added later is refused until it is dialled.
+        other => {
+            return Err(format!(
+                "{} is not supported by this daemon",
+                other.scheme()
+            ));
+        }
     };
     let host = address.host.to_string();
     let addr: SocketAddr = tokio::net::lookup_host((host.as_str(), address.port))
@@ -227,7 +234,9 @@ async fn open(server: &ServerKey) -> Result<(GrpCarrier, RelayAddress), String> 
         .next()
         .ok_or_else(|| format!("resolving {host}: no address"))?;
     let path = address.path.as_deref().unwrap_or("/grp");
-    let carrier = GrpCarrier::connect(kind, addr, path)
+    // The host as written (not the resolved IP) is the SNI and `Host` header of grp+wss, so
+    // that a CDN or reverse proxy in front of the relay can route the connection.
+    let carrier = GrpCarrier::connect_named(kind, addr, &host, path)
         .await
         .map_err(|e| format!("GRP {} connect to {addr}: {e}", address.carrier.scheme()))?;
     Ok((carrier, address))

@@ -1,9 +1,18 @@
 //! GRP/1 carriers, client side (GRP §4): TCP, QUIC (one bidirectional stream, ALPN `grp/1`,
-//! any certificate) and WebSocket (`grp.1` subprotocol, one binary message per record).
+//! any certificate) and WebSocket (`grp.1` subprotocol, one binary message per record), the
+//! latter either plain (`grp+ws`) or over TLS (`grp+wss`).
 //!
 //! A carrier only moves bytes: the GRP handshake, records, cover traffic and liveness are
-//! `muxd-grp`'s sans-IO `Connection`, driven by the daemon. The QUIC certificate is not
-//! verified because it is not an identity: the relay proves its key in the Noise handshake.
+//! `muxd-grp`'s sans-IO `Connection`, driven by the daemon.
+//!
+//! No carrier verifies a certificate. The relay's identity is the Noise key in its address,
+//! proved in the GRP handshake (§5); a TLS certificate is not an identity in GRP, and §4.3
+//! lets native clients skip its verification for `grp+wss`. Skipping it costs nothing: a
+//! party that terminates the TLS (a CDN, a reverse proxy, or an attacker with a bogus
+//! certificate) sees only the Noise handshake and sealed records, and cannot complete the
+//! handshake without the relay's static key. Verifying instead would need a root store that
+//! this workspace does not carry (SMP pins certificates by key hash, never by WebPKI), and it
+//! would make a relay with a self-signed certificate unreachable while protecting nothing.
 
 use std::io;
 use std::net::SocketAddr;
@@ -14,8 +23,9 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use rustls::DigitallySignedStruct;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -31,8 +41,11 @@ pub enum GrpCarrierKind {
     Tcp,
     /// `grp+quic://`.
     Quic,
-    /// `grp+ws://` (plain WebSocket; `grp+wss://` is not supported by this dialer yet).
+    /// `grp+ws://` (plain WebSocket).
     Ws,
+    /// `grp+wss://`: WebSocket over TLS (ALPN `http/1.1`, SNI = the address's DNS name, any
+    /// certificate; see the module docs for why the certificate is not verified).
+    Wss,
 }
 
 /// QUIC ALPN (§4.2).
@@ -43,6 +56,13 @@ const SUBPROTOCOL: &str = "grp.1";
 
 /// QUIC idle timeout, above GRP's own 90 s idle rule so that GRP governs (§4.2).
 const QUIC_IDLE: Duration = Duration::from_secs(120);
+
+/// TLS ALPN for `grp+wss`: the WebSocket upgrade is HTTP/1.1 (§4.3).
+const WSS_ALPN: &[u8] = b"http/1.1";
+
+/// The largest WebSocket message (and frame) accepted: one record. Anything larger is a
+/// protocol violation, so it is refused rather than buffered.
+const WS_MAX_MESSAGE: usize = muxd_smp::block::BLOCK_SIZE + 16;
 
 /// Read size for stream carriers; records are reassembled by the connection.
 const READ_CHUNK: usize = 32 * 1024;
@@ -64,12 +84,34 @@ enum Inner {
         send: quinn::SendStream,
         recv: quinn::RecvStream,
     },
-    Ws(Box<WebSocketStream<TcpStream>>),
+    /// `grp+ws` and `grp+wss`: the same WebSocket handling over either byte stream.
+    Ws(Box<WebSocketStream<Box<dyn WsIo>>>),
 }
 
+/// The byte stream under a WebSocket: plain TCP or TLS over TCP.
+trait WsIo: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug> WsIo for T {}
+
 impl GrpCarrier {
-    /// Opens the carrier to `addr` (`path` is the WebSocket path).
+    /// Opens the carrier to `addr` (`path` is the WebSocket path), naming the relay by its IP
+    /// address: no SNI, and the IP in the WebSocket `Host` header. Use [`Self::connect_named`]
+    /// when the address has a host name.
     pub async fn connect(kind: GrpCarrierKind, addr: SocketAddr, path: &str) -> io::Result<Self> {
+        Self::connect_named(kind, addr, &addr.ip().to_string(), path).await
+    }
+
+    /// Opens the carrier to `addr`, a resolved address of `host` (the host of the relay's
+    /// address, as written there but without IPv6 brackets). On `grp+wss`, `host` is the TLS
+    /// SNI when it is a DNS name, and on both WebSocket kinds it is the `Host` header, so
+    /// that a reverse proxy or CDN in front of the relay can route the connection. `path` is
+    /// the WebSocket path.
+    pub async fn connect_named(
+        kind: GrpCarrierKind,
+        addr: SocketAddr,
+        host: &str,
+        path: &str,
+    ) -> io::Result<Self> {
         let inner = match kind {
             GrpCarrierKind::Tcp => {
                 let s = TcpStream::connect(addr).await?;
@@ -100,22 +142,17 @@ impl GrpCarrier {
             GrpCarrierKind::Ws => {
                 let stream = TcpStream::connect(addr).await?;
                 let _ = stream.set_nodelay(true);
-                let mut req = format!("ws://{addr}{path}")
-                    .into_client_request()
-                    .map_err(io::Error::other)?;
-                req.headers_mut().insert(
-                    "Sec-WebSocket-Protocol",
-                    HeaderValue::from_static(SUBPROTOCOL),
-                );
-                // A message over one record is a protocol violation: buffer no more.
-                let config = WebSocketConfig::default()
-                    .max_message_size(Some(muxd_smp::block::BLOCK_SIZE + 16))
-                    .max_frame_size(Some(muxd_smp::block::BLOCK_SIZE + 16));
-                let (ws, _) =
-                    tokio_tungstenite::client_async_with_config(req, stream, Some(config))
-                        .await
-                        .map_err(io::Error::other)?;
-                Inner::Ws(Box::new(ws))
+                let authority = authority(host, addr.port(), 80);
+                let url = format!("ws://{authority}{path}");
+                Inner::Ws(Box::new(ws_upgrade(&url, Box::new(stream)).await?))
+            }
+            GrpCarrierKind::Wss => {
+                let stream = TcpStream::connect(addr).await?;
+                let _ = stream.set_nodelay(true);
+                let tls = wss_handshake(stream, addr, host).await?;
+                let authority = authority(host, addr.port(), 443);
+                let url = format!("wss://{authority}{path}");
+                Inner::Ws(Box::new(ws_upgrade(&url, Box::new(tls)).await?))
             }
         };
         Ok(Self {
@@ -195,6 +232,68 @@ impl GrpCarrier {
     }
 }
 
+/// The WebSocket upgrade over `stream`: subprotocol `grp.1`, no extensions (tungstenite
+/// offers none), messages and frames capped at one record (§4.3).
+async fn ws_upgrade(
+    url: &str,
+    stream: Box<dyn WsIo>,
+) -> io::Result<WebSocketStream<Box<dyn WsIo>>> {
+    let mut req = url.into_client_request().map_err(io::Error::other)?;
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_static(SUBPROTOCOL),
+    );
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(WS_MAX_MESSAGE))
+        .max_frame_size(Some(WS_MAX_MESSAGE));
+    let (ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(config))
+        .await
+        .map_err(|e| io::Error::other(format!("WebSocket upgrade failed: {e}")))?;
+    Ok(ws)
+}
+
+/// `host[:port]` for a URL, the port left out when it is the scheme's default and IPv6
+/// literals bracketed.
+fn authority(host: &str, port: u16, default_port: u16) -> String {
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    };
+    if port == default_port {
+        host
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// The TLS handshake of `grp+wss`: ALPN `http/1.1`, SNI only for a DNS name, no session
+/// resumption (a ticket would let the TLS terminator link a client's connections), and any
+/// certificate (see the module docs).
+async fn wss_handshake(
+    stream: TcpStream,
+    addr: SocketAddr,
+    host: &str,
+) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(io::Error::other)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![WSS_ALPN.to_vec()];
+    tls.resumption = rustls::client::Resumption::disabled();
+    // rustls sends no SNI for an IP address; a name that is neither (cannot come from a
+    // parsed address) falls back to the resolved IP.
+    let name = ServerName::try_from(host.to_owned())
+        .unwrap_or_else(|_| ServerName::IpAddress(addr.ip().into()));
+    TlsConnector::from(Arc::new(tls))
+        .connect(name, stream)
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake failed: {e}")))
+}
+
 /// A client endpoint: ALPN `grp/1`, no SNI, no resumption or 0-RTT, any certificate (§4.2).
 fn quic_endpoint(bind: SocketAddr) -> io::Result<quinn::Endpoint> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -223,7 +322,7 @@ fn quic_endpoint(bind: SocketAddr) -> io::Result<quinn::Endpoint> {
     Ok(endpoint)
 }
 
-/// Accepts every certificate: the QUIC certificate is not an identity in GRP (§4.2).
+/// Accepts every certificate: a certificate is not an identity in GRP (§4.2, §4.3).
 #[derive(Debug)]
 struct AnyCertificate;
 
@@ -261,5 +360,18 @@ impl ServerCertVerifier for AnyCertificate {
         rustls::crypto::ring::default_provider()
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authority_leaves_out_the_default_port_and_brackets_ipv6() {
+        assert_eq!(authority("relay.example", 443, 443), "relay.example");
+        assert_eq!(authority("relay.example", 8443, 443), "relay.example:8443");
+        assert_eq!(authority("127.0.0.1", 80, 80), "127.0.0.1");
+        assert_eq!(authority("::1", 7480, 80), "[::1]:7480");
     }
 }

@@ -1009,7 +1009,8 @@ pub fn response_id(msg: &ServerMessage) -> Option<u64> {
     }
 }
 
-/// A running reference `grp-relay` on loopback (TCP, QUIC and WebSocket on free ports) in its
+/// A running reference `grp-relay` on loopback (TCP, QUIC, WebSocket and WebSocket over TLS
+/// with a generated self-signed certificate, on free ports) in its
 /// own temp directory: static key in `key`, counters in `stats-<run>.txt` (its
 /// `--stats-file`), log in `relay-<run>.log`. A restart keeps the key and the ports. Killed
 /// when dropped.
@@ -1017,7 +1018,7 @@ pub fn response_id(msg: &ServerMessage) -> Option<u64> {
 pub struct GrpRelay {
     child: Option<Child>,
     stdout: Option<BufReader<ChildStdout>>,
-    /// `grp://…`, `grp+quic://…`, `grp+ws://…` as printed by the relay.
+    /// `grp://…`, `grp+quic://…`, `grp+ws://…`, `grp+wss://…` as printed by the relay.
     urls: Vec<String>,
     allow: Vec<String>,
     runs: u32,
@@ -1049,7 +1050,7 @@ impl GrpRelay {
         relay
     }
 
-    /// The relay's address for `scheme` (`grp`, `grp+quic` or `grp+ws`).
+    /// The relay's address for `scheme` (`grp`, `grp+quic`, `grp+ws` or `grp+wss`).
     pub fn url(&self, scheme: &str) -> &str {
         let prefix = format!("{scheme}://");
         self.urls
@@ -1152,6 +1153,8 @@ impl GrpRelay {
             .arg(port("grp+quic"))
             .arg("--listen-ws")
             .arg(port("grp+ws"))
+            .arg("--listen-wss")
+            .arg(port("grp+wss"))
             .arg("--stats-file")
             .arg(self.stats_path());
         for k in &self.allow {
@@ -1167,7 +1170,8 @@ impl GrpRelay {
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         self.child = Some(child);
         let mut urls = Vec::new();
-        for _ in 0..3 {
+        // One line per listener: TCP, QUIC, WebSocket, WebSocket over TLS.
+        for _ in 0..4 {
             let mut line = String::new();
             assert!(
                 stdout.read_line(&mut line).unwrap() > 0,

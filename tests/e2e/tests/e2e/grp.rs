@@ -183,6 +183,56 @@ fn two_hop_over_websocket() {
     two_hop("grp+ws", "ws");
 }
 
+/// WebSocket over TLS: the relays serve generated self-signed certificates, which the daemon
+/// accepts because it authenticates each relay by the Noise key in its address (§4.3).
+#[test]
+fn two_hop_over_wss() {
+    two_hop("grp+wss", "wss");
+}
+
+/// A `grp+wss` address whose port speaks no TLS (the relay's plain WebSocket port): the
+/// queue creation fails promptly and status names the TLS failure, and nothing hangs.
+#[test]
+fn wss_to_a_plain_port_reports_the_tls_failure() {
+    let relay = GrpRelay::start(&[]);
+    let daemon = Daemon::start();
+    let socket = daemon.socket();
+    let ws = relay.url("grp+ws");
+    let wrong = ws.replacen("grp+ws://", "grp+wss://", 1);
+
+    let t = Instant::now();
+    let out = muxctl(socket, "app-a", &["queue", "create", &wrong]);
+    assert!(!out.status.success());
+    // The daemon gives up opening a carrier after the 30 s handshake timeout (§5.7); a
+    // refused TLS handshake must be reported long before that, not waited out.
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}: it waited for a timeout instead of failing",
+        t.elapsed()
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("TLS handshake failed"), "{stderr}");
+
+    eventually("the failed wss upstream in status", || {
+        upstreams(socket).iter().any(|u| {
+            u["server"] == wrong.as_str()
+                && u["transport"] == "wss"
+                && u["state"] != "up"
+                && u["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("grp+wss") && e.contains("TLS handshake failed"))
+        })
+    });
+    let text = muxctl_ok(socket, "watcher", &["status"]);
+    assert!(text.contains("TLS handshake failed"), "{text}");
+    // The relay never saw a GRP link.
+    eventually("the relay's stats", || {
+        relay.stats().contains("client_links")
+    });
+    assert_eq!(relay.stat("client_links"), 0, "{}", relay.stats());
+    assert_eq!(relay.stat("accepted_ws"), 0, "{}", relay.stats());
+}
+
 /// The proxy relay dies: the daemon reports the loss, a send made during the outage waits,
 /// and once relay 2 is back (same key and ports) the daemon reconnects to it, asks it for a new
 /// proxied session (PRXY), relay 2 opens a new relay link to relay 1, and the message arrives.
