@@ -128,10 +128,17 @@ fn renewal_switches_resubscribes_then_retires_without_going_down() {
         ntf_creds: None,
     };
     now += Duration::from_millis(10);
-    pool.handle_block(now, &mut rng, &server, &answer(&seen[0].corr, b"", &Response::Ids(ids)));
+    pool.handle_block(
+        now,
+        &mut rng,
+        &server,
+        &answer(&seen[0].corr, b"", &Response::Ids(ids)),
+    );
     let created = drain(&mut pool);
     assert!(
-        created.iter().any(|a| matches!(a, Action::Reply { result: Ok(_), .. })),
+        created
+            .iter()
+            .any(|a| matches!(a, Action::Reply { result: Ok(_), .. })),
         "{created:?}"
     );
     assert_eq!(pool.status()[0].state, ConnState::Up);
@@ -163,9 +170,10 @@ fn renewal_switches_resubscribes_then_retires_without_going_down() {
     pool.handle_grp_connected(now, &mut rng, &server, s2);
     let actions = drain(&mut pool);
     assert!(
-        !actions
-            .iter()
-            .any(|a| matches!(a, Action::Event(PoolEvent::ServerChanged { .. }) | Action::Disconnect { .. })),
+        !actions.iter().any(|a| matches!(
+            a,
+            Action::Event(PoolEvent::ServerChanged { .. }) | Action::Disconnect { .. }
+        )),
         "the link did not go down: {actions:?}"
     );
     let blocks: Vec<&Vec<u8>> = actions
@@ -175,7 +183,10 @@ fn renewal_switches_resubscribes_then_retires_without_going_down() {
             _ => None,
         })
         .collect();
-    assert!(blocks[0].is_empty(), "the switch mark comes first: {actions:?}");
+    assert!(
+        blocks[0].is_empty(),
+        "the switch mark comes first: {actions:?}"
+    );
     let sub = parse(blocks[1], &s2.session_id, Some(&rcv_key));
     assert!(matches!(sub[0].command, Command::Sub), "then the SUB");
     assert_eq!(sub[0].entity, rcv_id);
@@ -188,7 +199,12 @@ fn renewal_switches_resubscribes_then_retires_without_going_down() {
 
     // The relay answers the SUB on the new session: the old one still has the DEL.
     now += Duration::from_millis(10);
-    pool.handle_block(now, &mut rng, &server, &answer(&sub[0].corr, &rcv_id, &Response::Ok));
+    pool.handle_block(
+        now,
+        &mut rng,
+        &server,
+        &answer(&sub[0].corr, &rcv_id, &Response::Ok),
+    );
     let actions = drain(&mut pool);
     assert!(
         !actions
@@ -197,11 +213,24 @@ fn renewal_switches_resubscribes_then_retires_without_going_down() {
         "the DEL on the old session is still unanswered: {actions:?}"
     );
     // The old session answers its DEL: once, to the app, and only then the retire mark.
-    pool.handle_block(now, &mut rng, &server, &answer(&del[0].corr, &rcv_id, &Response::Ok));
+    pool.handle_block(
+        now,
+        &mut rng,
+        &server,
+        &answer(&del[0].corr, &rcv_id, &Response::Ok),
+    );
     let actions = drain(&mut pool);
     let replies: Vec<_> = actions
         .iter()
-        .filter(|a| matches!(a, Action::Reply { token: RequestToken(2), .. }))
+        .filter(|a| {
+            matches!(
+                a,
+                Action::Reply {
+                    token: RequestToken(2),
+                    ..
+                }
+            )
+        })
         .collect();
     assert_eq!(replies.len(), 1, "{actions:?}");
     assert!(matches!(replies[0], Action::Reply { result: Ok(_), .. }));

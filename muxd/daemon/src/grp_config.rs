@@ -80,7 +80,8 @@ pub(crate) fn parse(value: toml::Value, origin: &str) -> Result<GrpSettings, Con
             ("renew_after_s", toml::Value::Integer(n)) => {
                 let (lo, hi) = RENEW_AFTER_S_RANGE;
                 if !(lo..=hi).contains(&n) {
-                    let reason = format!("{n} is out of range {lo}..={hi} (GRP §6.5: 23 h at most)");
+                    let reason =
+                        format!("{n} is out of range {lo}..={hi} (GRP §6.5: 23 h at most)");
                     return Err(ConfigError::invalid("grp.renew_after_s", origin, reason));
                 }
                 out.renew_after = Some(Duration::from_secs(n.unsigned_abs()));

@@ -295,7 +295,11 @@ pub(crate) async fn run(
         }
         while let Some(ev) = cur.conn.poll_event() {
             let kind = match ev {
-                Event::Connected { inner_version, cover_rate, .. } => {
+                Event::Connected {
+                    inner_version,
+                    cover_rate,
+                    ..
+                } => {
                     tracing::debug!(cover_rate, inner_version, "GRP session up");
                     cur.inner_version = Some(inner_version);
                     match session_of(&ev) {
@@ -340,7 +344,11 @@ pub(crate) async fn run(
                     }
                     Event::Closed(reason) => {
                         let wait = retry_delay;
-                        tracing::info!(?reason, ?wait, "GRP renewal failed; the session carries on");
+                        tracing::info!(
+                            ?reason,
+                            ?wait,
+                            "GRP renewal failed; the session carries on"
+                        );
                         retry_at = Some(Instant::now() + wait);
                         retry_delay = (retry_delay * 2).min(RENEW_RETRY_MAX);
                     }

@@ -481,8 +481,8 @@ impl Connection {
         }
         let cover = self.cover.unwrap_or(CoverConfig::for_role(est.role));
         let link = Link::new(records, est.cover_rate, cover, now, &mut self.rng);
-        let spread_ms = u64::try_from((self.renew_from / RENEW_SPREAD_DIVISOR).as_millis())
-            .unwrap_or(u64::MAX);
+        let spread_ms =
+            u64::try_from((self.renew_from / RENEW_SPREAD_DIVISOR).as_millis()).unwrap_or(u64::MAX);
         let renew = Duration::from_millis(self.rng.next_u64() % spread_ms.saturating_add(1));
         let session = Session {
             link,

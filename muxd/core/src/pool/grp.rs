@@ -426,7 +426,11 @@ impl<M: Mailbox> Pool<M> {
     }
 
     /// Timers of retiring sessions: their commands time out as they would have.
-    pub(super) fn grp_retiring_timeout<R: RngCore + CryptoRng>(&mut self, now: Instant, rng: &mut R) {
+    pub(super) fn grp_retiring_timeout<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+    ) {
         let due: Vec<ServerKey> = self
             .grp
             .retiring

@@ -58,7 +58,9 @@ fn messages_keep_flowing_across_renewals_and_the_link_never_goes_down() {
         })
     };
 
-    let expected: Vec<String> = (0..MESSAGES).map(|i| format!("renewal message {i}")).collect();
+    let expected: Vec<String> = (0..MESSAGES)
+        .map(|i| format!("renewal message {i}"))
+        .collect();
     let started = Instant::now();
     for body in &expected {
         muxctl_ok(&socket, "app-b", &["send", &q.uri, body]);
@@ -66,7 +68,11 @@ fn messages_keep_flowing_across_renewals_and_the_link_never_goes_down() {
     }
     // In order and exactly once, although every session in between was renewed.
     assert_eq!(muxctl_recv(&socket, "app-a", &q, MESSAGES), expected);
-    let more = muxctl_ok(&socket, "app-a", &["--json", "recv", &q.id, "--timeout", "1"]);
+    let more = muxctl_ok(
+        &socket,
+        "app-a",
+        &["--json", "recv", &q.id, "--timeout", "1"],
+    );
     assert!(more.trim().is_empty(), "a duplicate arrived: {more}");
     assert!(
         started.elapsed() > Duration::from_secs(3 * RENEW_AFTER_S),
@@ -82,7 +88,10 @@ fn messages_keep_flowing_across_renewals_and_the_link_never_goes_down() {
     // sessions ended with the client's goodbye 0x00 (NORMAL), not the relay's 0x01 (age).
     assert!(dest.stat("client_links") >= 2, "{}", dest.stats());
     let log = dest.log();
-    assert!(log.contains("Goodbye(Normal)"), "no goodbye 0x00 in relay 1's log:\n{log}");
+    assert!(
+        log.contains("Goodbye(Normal)"),
+        "no goodbye 0x00 in relay 1's log:\n{log}"
+    );
     assert!(!log.contains("Goodbye(SessionAge)"), "{log}");
     daemon.wait_for_log("GRP renewal done: goodbye on the old session");
     let logs = daemon.logs();
