@@ -568,7 +568,7 @@ impl<M: Mailbox> Pool<M> {
         servers
             .chain(senders)
             .chain(gc)
-            .chain([release])
+            .chain([release, self.grp_retiring_poll_timeout()])
             .flatten()
             .min()
     }
@@ -658,6 +658,8 @@ impl<M: Mailbox> Pool<M> {
         self.tick(now);
         // Answers to PRXY and PFWD are the GRP proxy's, not the SMP connection's.
         let block = self.grp_intercept(now, server, block);
+        // During a GRP renewal, answers to the old session's commands go to it.
+        let block = block.and_then(|b| self.grp_route_retiring(now, rng, server, b));
         if let Some(block) = block.as_deref()
             && let Some(s) = self.servers.get_mut(server)
             && let Some(conn) = s.conn.as_mut()
@@ -840,6 +842,7 @@ impl<M: Mailbox> Pool<M> {
             self.pump(now, rng, dest);
         }
         self.release_held(now, rng);
+        self.grp_retiring_timeout(now, rng);
         self.drive_all(now, rng);
         self.collect_garbage(now);
     }
@@ -1778,6 +1781,7 @@ impl<M: Mailbox> Pool<M> {
             self.idle_check(now, key);
         }
         self.grp_drive(now, rng);
+        self.grp_retire_done();
     }
 
     fn on_event<R: RngCore + CryptoRng>(
@@ -1873,12 +1877,19 @@ impl<M: Mailbox> Pool<M> {
     }
 
     /// The handshake is done: restore subscriptions (in rounds of `resubscribe_chunk`) and
-    /// pending KEYs, then run what waited.
+    /// pending KEYs, then run what waited. A GRP session taking over from one being renewed
+    /// re-subscribes every live queue: they are subscribed on the old session only.
     fn on_up<R: RngCore + CryptoRng>(&mut self, now: Instant, rng: &mut R, key: &ServerKey) {
         let mut keys = Vec::new();
         let mut subs = VecDeque::new();
+        let renewing = self.grp_renewing(key);
         for (id, q) in self.queues.iter().filter(|(_, q)| q.server == *key) {
-            if q.subscription == Subscription::Pending {
+            let resubscribe = match q.subscription {
+                Subscription::Pending => true,
+                Subscription::Subscribed => renewing,
+                _ => false,
+            };
+            if resubscribe {
                 subs.push_back(id.clone());
             }
             if let Some(k) = q.sender_key.as_ref().filter(|_| !q.secured) {
@@ -1941,10 +1952,11 @@ impl<M: Mailbox> Pool<M> {
         key: &ServerKey,
         queue_id: &str,
     ) -> bool {
+        // A subscribed queue is in a round only when a GRP session is renewed.
         let Some(q) = self
             .queues
             .get_mut(queue_id)
-            .filter(|q| q.subscription == Subscription::Pending)
+            .filter(|q| live(q.subscription))
         else {
             return false;
         };

@@ -12,6 +12,11 @@
 //! # Cover scheduling: the longest a queued command waits for a cover tick, milliseconds
 //! # (GRP §12.2; default 1000).
 //! max_delay_ms = 1000
+//! # Session renewal drill: start make-before-break this many seconds after a session's
+//! # handshake instead of at 23 h–23.5 h (GRP §6.5); the window keeps the spec's shape
+//! # (uniform in [n, n + n/46]). 1..=82800: never later than the spec. For tests and
+//! # operators' drills; leave unset in production.
+//! # renew_after_s = 30
 //! ```
 
 use std::str::FromStr as _;
@@ -24,6 +29,9 @@ use crate::config::ConfigError;
 /// The longest `max_delay_ms` accepted: beyond a minute commands would time out first.
 const MAX_DELAY_MS_RANGE: (i64, i64) = (0, 60_000);
 
+/// `renew_after_s` bounds: at most 23 h, so the renewal never comes later than §6.5 allows.
+const RENEW_AFTER_S_RANGE: (i64, i64) = (1, 23 * 3600);
+
 /// GRP settings.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -32,6 +40,8 @@ pub struct GrpSettings {
     pub pool: muxd_core::GrpConfig,
     /// `max_delay` of the cover scheduler on client links; `None` = GRP's 1 s.
     pub max_delay: Option<Duration>,
+    /// Start of the make-before-break window of client links; `None` = GRP's 23 h.
+    pub renew_after: Option<Duration>,
 }
 
 /// Parses the `[grp]` table, checking every address.
@@ -67,12 +77,23 @@ pub(crate) fn parse(value: toml::Value, origin: &str) -> Result<GrpSettings, Con
                 }
                 out.max_delay = Some(Duration::from_millis(n.unsigned_abs()));
             }
-            (name @ ("proxy" | "relays" | "max_delay_ms"), other) => {
+            ("renew_after_s", toml::Value::Integer(n)) => {
+                let (lo, hi) = RENEW_AFTER_S_RANGE;
+                if !(lo..=hi).contains(&n) {
+                    let reason =
+                        format!("{n} is out of range {lo}..={hi} (GRP §6.5: 23 h at most)");
+                    return Err(ConfigError::invalid("grp.renew_after_s", origin, reason));
+                }
+                out.renew_after = Some(Duration::from_secs(n.unsigned_abs()));
+            }
+            (name @ ("proxy" | "relays" | "max_delay_ms" | "renew_after_s"), other) => {
                 let reason = format!("wrong type {}", other.type_str());
                 return Err(ConfigError::invalid(static_name(name), origin, reason));
             }
             (other, _) => {
-                let reason = format!("unknown key `{other}` (known: proxy, relays, max_delay_ms)");
+                let reason = format!(
+                    "unknown key `{other}` (known: proxy, relays, max_delay_ms, renew_after_s)"
+                );
                 return Err(ConfigError::invalid("grp", origin, reason));
             }
         }
@@ -84,6 +105,7 @@ fn static_name(name: &str) -> &'static str {
     match name {
         "proxy" => "grp.proxy",
         "relays" => "grp.relays",
+        "renew_after_s" => "grp.renew_after_s",
         _ => "grp.max_delay_ms",
     }
 }
@@ -114,6 +136,15 @@ mod tests {
         let bad: toml::Table = "proxy = \"grp://nokey@h\"".parse().unwrap();
         let e = parse(toml::Value::Table(bad), "in test").unwrap_err();
         assert!(e.to_string().contains("grp.proxy"), "{e}");
+        let drill: toml::Table = "renew_after_s = 5".parse().unwrap();
+        let g = parse(toml::Value::Table(drill), "in test").unwrap();
+        assert_eq!(g.renew_after, Some(Duration::from_secs(5)));
+        // Later than the spec's window, or zero, is refused.
+        for n in [0, 23 * 3600 + 1] {
+            let t: toml::Table = format!("renew_after_s = {n}").parse().unwrap();
+            let e = parse(toml::Value::Table(t), "in test").unwrap_err();
+            assert!(e.to_string().contains("grp.renew_after_s"), "{e}");
+        }
         let unknown: toml::Table = "prxy = \"x\"".parse().unwrap();
         assert!(parse(toml::Value::Table(unknown), "in test").is_err());
     }

@@ -198,6 +198,7 @@ pub async fn serve(
         max_backlog_blocks: upstream::DEFAULT_MAX_BACKLOG_BLOCKS,
         grp: grp_upstream::GrpOptions {
             max_delay: config.grp.max_delay,
+            renew_after: config.grp.renew_after,
         },
     };
     let upstreams = upstream::Upstreams::new(upstream_tx, tracker.clone(), options);

@@ -38,8 +38,9 @@ const PONG_TIMEOUT: Duration = Duration::from_secs(30);
 const DEAD_AFTER_MISSES: u32 = 2;
 
 /// Make-before-break starts uniformly in [23 h, 23 h 30 min] after Split.
-const RENEW_FROM: Duration = Duration::from_secs(23 * 3600);
-const RENEW_SPREAD_S: u64 = 1800;
+pub const RENEW_FROM: Duration = Duration::from_secs(23 * 3600);
+/// The spread of the renewal window is this fraction of its start (30 min of 23 h).
+const RENEW_SPREAD_DIVISOR: u32 = 46;
 
 /// Connection parameters.
 #[derive(Debug)]
@@ -149,6 +150,7 @@ pub struct Connection {
     preamble: bool,
     cover: Option<CoverConfig>,
     record_limit: Option<u64>,
+    renew_from: Duration,
     deadline: Instant,
     rng: ChaCha20Rng,
     inbuf: Vec<u8>,
@@ -172,12 +174,23 @@ impl Connection {
             preamble: cfg.preamble,
             cover: cfg.cover,
             record_limit: cfg.record_limit,
+            renew_from: RENEW_FROM,
             deadline: now + HS_TIMEOUT,
             rng,
             inbuf: Vec::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         }
+    }
+
+    /// Moves the make-before-break window earlier: [`Event::RenewDue`] comes uniformly in
+    /// `[from, from + from/46]` after Split instead of 23 h–23.5 h (the same proportion), for
+    /// tests and operators' drills. `from` is capped at [`RENEW_FROM`], so the window never
+    /// ends later than the spec's (§6.5); the 24 h + 60 s close is unchanged.
+    #[must_use]
+    pub fn with_renewal_from(mut self, from: Duration) -> Self {
+        self.renew_from = from.min(RENEW_FROM);
+        self
     }
 
     /// The carrier is open: generate the keys and queue `PREAMBLE ‖ message 1` as one write.
@@ -468,7 +481,9 @@ impl Connection {
         }
         let cover = self.cover.unwrap_or(CoverConfig::for_role(est.role));
         let link = Link::new(records, est.cover_rate, cover, now, &mut self.rng);
-        let renew = Duration::from_secs(self.rng.next_u64() % (RENEW_SPREAD_S + 1));
+        let spread_ms =
+            u64::try_from((self.renew_from / RENEW_SPREAD_DIVISOR).as_millis()).unwrap_or(u64::MAX);
+        let renew = Duration::from_millis(self.rng.next_u64() % spread_ms.saturating_add(1));
         let session = Session {
             link,
             session_id: est.session_id,
@@ -476,7 +491,7 @@ impl Connection {
             inner_version,
             peer_inner: est.peer_inner,
             established: now,
-            renew_at: now + RENEW_FROM + renew,
+            renew_at: now + self.renew_from + renew,
             renew_reported: false,
             next_ping: now + ping_interval(&mut self.rng),
             pings: VecDeque::new(),

@@ -17,6 +17,27 @@
 //! a route that fails (P lost, `ERR PROXY …`) backs off and reconnects like a server, which
 //! resends what was in flight with the same envelope seq.
 //!
+//! **Session renewal** (make-before-break, §6.5). The upstream task owns both GRP
+//! connections of a renewal: it dials the successor while the old session keeps carrying
+//! traffic, and once the successor's handshake is done it reports `GrpConnected` again for
+//! the same link, then writes the pool's blocks on the new session only. Here that second
+//! `GrpConnected` on a link that is up is a renewal, handled like a reconnect without the
+//! loss ([`Pool::handle_grp_connected`]): the entry stays `Up` (no backoff, no
+//! `ServerChanged`, lag history and counters kept), the previous SMP connection is kept aside
+//! as *retiring* with the corrIds it has in flight, and a new established connection (new
+//! session id, so every command is signed anew) takes over. Its `Connected` event runs the
+//! usual start-up: every live subscription is re-sent as a SUB, KEYs and waiting work run,
+//! and from then on all new commands go to the new session. An empty [`Action::Transmit`]
+//! for the link comes first: it tells the task that the blocks after it are for the new
+//! session (those before were signed for the old one, which carries them). Answers to the commands still
+//! in flight on the old session reach the pool through the same block stream and are routed
+//! to the retiring connection by corrId, so none is failed, resent or answered twice. When
+//! the resubscription round is over and the retiring connection has nothing left in flight,
+//! the pool emits a second empty [`Action::Transmit`] for the link: the task's signal to send
+//! goodbye 0x00 on the old session and close it. (The task drops the old session's END, the
+//! relay's expected answer to the re-SUB; an un-ACKed MSG comes again on the new
+//! subscription and the inbound de-duplication drops the copy.)
+//!
 //! Which relay proxies: [`GrpConfig::proxy`] when set, else another GRP relay the pool
 //! already has an entry for (one that is up first), else the first of [`GrpConfig::relays`]
 //! whose key differs from the destination's. With none, the send fails with an error that
@@ -99,6 +120,14 @@ struct LinkInfo {
     counters: GrpCounters,
 }
 
+/// A link's previous session during a renewal: its SMP connection and the corrIds of the
+/// commands sent on it that are still unanswered.
+#[derive(Debug)]
+struct Retiring {
+    conn: Connection,
+    corr: BTreeSet<CorrId>,
+}
+
 /// A proxied destination D.
 #[derive(Debug)]
 struct Route {
@@ -130,6 +159,8 @@ pub(crate) struct GrpState {
     prxy: BTreeMap<[u8; 24], ServerKey>,
     /// PFWD in flight by corrId `N`.
     pfwd: BTreeMap<[u8; 24], Forward>,
+    /// Links being renewed: the previous session, until it is retired.
+    retiring: BTreeMap<ServerKey, Retiring>,
 }
 
 impl GrpState {
@@ -180,6 +211,17 @@ fn single_block(transmission: &[u8]) -> Option<Vec<u8>> {
     Some(block)
 }
 
+/// Transmissions as one plain block (a batch), as the SMP connection reads them.
+fn rebatch(items: &[&[u8]]) -> Option<Vec<u8>> {
+    let mut content = vec![u8::try_from(items.len()).ok()?];
+    for t in items {
+        put_large(&mut content, t).ok()?;
+    }
+    let mut out = Vec::with_capacity(BLOCK_SIZE);
+    pad_block(&content, &mut out).ok()?;
+    Some(out)
+}
+
 /// An unauthorized transmission (PRXY, PFWD): auth and session id play no part.
 fn plain_transmission(corr: &[u8; 24], entity: &[u8], command: &[u8]) -> Option<Vec<u8>> {
     let a = Authorized::new(&[], corr, entity, command).ok()?;
@@ -192,6 +234,11 @@ impl<M: Mailbox> Pool<M> {
     /// The daemon's GRP upstream finished the handshake to `server`: the entry gets an
     /// established SMP connection for the inner protocol and comes up (resubscribing and
     /// running what waited, as after an SMP handshake).
+    ///
+    /// On a link that is already up this is a make-before-break renewal (§6.5, see the
+    /// module docs): an empty [`Action::Transmit`] marks the switch, the new session takes
+    /// over without the entry going down, and once the old session has nothing left to do
+    /// a second empty [`Action::Transmit`] tells the upstream task to say goodbye on it.
     pub fn handle_grp_connected<R: RngCore + CryptoRng>(
         &mut self,
         now: Instant,
@@ -200,6 +247,14 @@ impl<M: Mailbox> Pool<M> {
         session: GrpSession,
     ) {
         self.tick(now);
+        let renewal = self.grp.links.contains_key(server)
+            && self.servers.get(server).is_some_and(|s| {
+                matches!(s.state, ConnState::Up | ConnState::Handshaking) && s.conn.is_some()
+            });
+        if renewal {
+            self.grp_renewed(now, rng, server, session);
+            return;
+        }
         if self
             .servers
             .get(server)
@@ -216,6 +271,216 @@ impl<M: Mailbox> Pool<M> {
         let session_id = session.session_id.to_vec();
         self.start_established(now, server, session.inner_version, session_id, key);
         self.drive_all(now, rng);
+    }
+
+    /// A renewal: the current connection retires, one for `session` takes over.
+    fn grp_renewed<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+        server: &ServerKey,
+        session: GrpSession,
+    ) {
+        // The task renews again only after the previous old session closed, and that
+        // waited for this retirement; an overlap means that session is gone.
+        self.grp_abandon_retiring(server);
+        let mut config = self.config.connection.clone();
+        config.ping_interval = PROFILE_PING_OFF;
+        config.command_timeout = config.command_timeout.min(PROFILE_TIMEOUT_MAX);
+        config.silence_limit = config.silence_limit.min(PROFILE_TIMEOUT_MAX);
+        let Some(s) = self.servers.get_mut(server) else {
+            return;
+        };
+        let Some(old) = s.conn.take() else {
+            return;
+        };
+        // Everything in flight was sent on the old session (commands go out as they are
+        // made), so it is answered there.
+        let corr: BTreeSet<CorrId> = s.commands.keys().copied().collect();
+        tracing::info!(
+            server = %server,
+            in_flight = corr.len(),
+            "GRP session renewed (make-before-break)"
+        );
+        s.conn = Some(Connection::established(
+            now,
+            config,
+            session.inner_version,
+            session.session_id.to_vec(),
+            Some(X25519PublicKey::from_bytes(session.auth_key)),
+        ));
+        s.last_received = now;
+        self.grp.links.entry(server.clone()).or_default().cover_rate = Some(session.cover_rate);
+        self.grp
+            .retiring
+            .insert(server.clone(), Retiring { conn: old, corr });
+        // Everything written from here on is for the new session.
+        self.actions.push_back(Action::Transmit {
+            server: server.clone(),
+            block: Vec::new(),
+        });
+        self.touched.insert(server.clone());
+        self.drive_all(now, rng);
+    }
+
+    /// Whether `key`'s link is being renewed (its start-up resubscribes every live queue,
+    /// not only the pending ones).
+    pub(super) fn grp_renewing(&self, key: &ServerKey) -> bool {
+        self.grp.retiring.contains_key(key)
+    }
+
+    /// Forgets a retiring session without its answers: what was in flight on it fails as
+    /// on a loss (requests get an error; sends, SUBs and ACKs are redone by their owners).
+    fn grp_abandon_retiring(&mut self, key: &ServerKey) {
+        let Some(r) = self.grp.retiring.remove(key) else {
+            return;
+        };
+        let Some(s) = self.servers.get_mut(key) else {
+            return;
+        };
+        let error = s.error(key);
+        let flights: Vec<Flight> = r.corr.iter().filter_map(|c| s.untrack(c)).collect();
+        for flight in flights {
+            match flight.pending {
+                Pending::New(keys) => self.reply(keys.token, Err(error.clone())),
+                Pending::Del { token, .. } => self.reply(token, Err(error.clone())),
+                _ => {}
+            }
+        }
+    }
+
+    /// Takes the answers meant for `server`'s retiring session out of a block and feeds
+    /// them to it; the rest is for the current connection (`None` when nothing is left).
+    pub(super) fn grp_route_retiring<'b, R: RngCore + CryptoRng>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+        server: &ServerKey,
+        block: Cow<'b, [u8]>,
+    ) -> Option<Cow<'b, [u8]>> {
+        let Some(r) = self.grp.retiring.get_mut(server) else {
+            return Some(block);
+        };
+        let Ok(items) = unpad_block(&block).and_then(decode_batch) else {
+            return Some(block);
+        };
+        let mut kept = Vec::new();
+        let mut old = Vec::new();
+        for t in items {
+            let corr = Transmission::decode(INNER_VERSION, &[], t)
+                .ok()
+                .and_then(|d| <[u8; 24]>::try_from(d.corr_id).ok())
+                .map(CorrId::from_bytes);
+            if corr.is_some_and(|c| r.corr.contains(&c)) {
+                old.push(t);
+            } else {
+                kept.push(t);
+            }
+        }
+        if old.is_empty() {
+            return Some(block);
+        }
+        for t in &old {
+            if let Some(b) = single_block(t) {
+                r.conn.handle_input(now, &b);
+            }
+        }
+        let rest = (!kept.is_empty()).then(|| rebatch(&kept)).flatten();
+        self.grp_drive_retiring(now, rng, server);
+        rest.map(Cow::Owned)
+    }
+
+    /// Processes the retiring session's events: answers to its commands (or their
+    /// timeouts) go where the current connection's would.
+    fn grp_drive_retiring<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+        key: &ServerKey,
+    ) {
+        while let Some(event) = self
+            .grp
+            .retiring
+            .get_mut(key)
+            .and_then(|r| r.conn.poll_event())
+        {
+            match event {
+                Event::Response { corr_id, .. } => {
+                    if let Some(r) = self.grp.retiring.get_mut(key) {
+                        r.corr.remove(&corr_id);
+                    }
+                    self.on_event(now, rng, key, event);
+                }
+                // Server events reach the current connection (the task drops the old
+                // session's END); a close of the old session is the task's business.
+                other => tracing::debug!(server = %key, ?other, "retiring session event"),
+            }
+        }
+        if let Some(r) = self.grp.retiring.get_mut(key) {
+            // It sends nothing: no keep-alive, and no command is made on it any more.
+            let mut buf = Vec::new();
+            while r.conn.poll_transmit(now, &mut buf).is_some() {
+                buf.clear();
+            }
+        }
+    }
+
+    /// Timers of retiring sessions: their commands time out as they would have.
+    pub(super) fn grp_retiring_timeout<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+    ) {
+        let due: Vec<ServerKey> = self
+            .grp
+            .retiring
+            .iter_mut()
+            .filter(|(_, r)| r.conn.poll_timeout().is_some_and(|t| t <= now))
+            .map(|(k, r)| {
+                r.conn.handle_timeout(now, rng);
+                k.clone()
+            })
+            .collect();
+        for key in &due {
+            self.grp_drive_retiring(now, rng, key);
+        }
+    }
+
+    /// The earliest timer of a retiring session.
+    pub(super) fn grp_retiring_poll_timeout(&self) -> Option<Instant> {
+        self.grp
+            .retiring
+            .values()
+            .filter_map(|r| r.conn.poll_timeout())
+            .min()
+    }
+
+    /// Retires the old sessions whose work is done: every live queue is subscribed on the
+    /// new session and nothing is in flight on the old one. The empty block tells the
+    /// upstream task to say goodbye 0x00 on the old session (§6.5).
+    pub(super) fn grp_retire_done(&mut self) {
+        let mut done = Vec::new();
+        for (key, r) in &mut self.grp.retiring {
+            let Some(s) = self.servers.get(key) else {
+                done.push((key.clone(), false));
+                continue;
+            };
+            // Commands given up by other means (a loss) are no longer waited for.
+            r.corr.retain(|c| s.commands.contains_key(c));
+            if r.corr.is_empty() && !s.resubscribing {
+                done.push((key.clone(), s.conn.is_some()));
+            }
+        }
+        for (key, signal) in done {
+            self.grp.retiring.remove(&key);
+            if signal {
+                tracing::debug!(server = %key, "old GRP session retired");
+                self.actions.push_back(Action::Transmit {
+                    server: key,
+                    block: Vec::new(),
+                });
+            }
+        }
     }
 
     /// The record counters of `server`'s GRP link (the daemon reports them as they change).
@@ -695,13 +960,7 @@ impl<M: Mailbox> Pool<M> {
         if kept.is_empty() {
             return None;
         }
-        let mut content = vec![u8::try_from(kept.len()).unwrap_or(u8::MAX)];
-        for t in kept {
-            put_large(&mut content, t).ok()?;
-        }
-        let mut out = Vec::with_capacity(BLOCK_SIZE);
-        pad_block(&content, &mut out).ok()?;
-        Some(Cow::Owned(out))
+        rebatch(&kept).map(Cow::Owned)
     }
 
     /// The proxy's answer to PRXY: PKEY brings the route up, anything else fails it.
@@ -805,6 +1064,8 @@ impl<M: Mailbox> Pool<M> {
     /// `key` lost its connection: a route forgets its proxied session; a proxy link takes
     /// every route through it down with it.
     pub(super) fn grp_on_lost(&mut self, now: Instant, key: &ServerKey, reason: &str) {
+        // The task ended both sessions; what was in flight was failed with the rest.
+        self.grp.retiring.remove(key);
         if let Some(r) = self.grp.routes.get_mut(key) {
             r.session = None;
             r.prxy_sent = false;

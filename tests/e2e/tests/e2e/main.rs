@@ -6,6 +6,7 @@
 mod alive;
 mod daemon;
 mod grp;
+mod grp_renew;
 mod grp_wire;
 mod hostile;
 mod muxctl;
