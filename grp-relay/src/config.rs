@@ -148,6 +148,10 @@ pub struct Limits {
     pub queue_quota: usize,
     /// Seconds after which an undelivered message expires.
     pub message_ttl_secs: u64,
+    /// Seconds after Split at which a relay link this relay opened is renewed,
+    /// make-before-break (§6.5); absent = the spec's 23 h–23.5 h. Earlier values are for tests
+    /// and drills; anything above 23 h is treated as 23 h.
+    pub relay_link_renew_after_secs: Option<u64>,
 }
 
 impl Default for Limits {
@@ -159,6 +163,7 @@ impl Default for Limits {
             proxy_destinations: 32,
             queue_quota: 128,
             message_ttl_secs: 21 * 24 * 3600,
+            relay_link_renew_after_secs: None,
         }
     }
 }

@@ -192,6 +192,7 @@ fn write_stats(path: &std::path::Path, s: &grp_relay::stats::Snapshot) {
         ("client_links", s.client_links),
         ("relay_links_in", s.relay_links_in),
         ("relay_links_out", s.relay_links_out),
+        ("relay_links_renewed", s.relay_links_renewed),
         ("handshake_failures", s.handshake_failures),
         ("cover_sent", s.cover_sent),
         ("real_sent", s.real_sent),

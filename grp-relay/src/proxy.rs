@@ -5,6 +5,13 @@
 //! GRP initiator ([`Connection`], role `'R'`, this relay's own static key) over TCP, driven
 //! by its own task; forwards reach it through a channel and their answers come back on
 //! oneshots. P never opens `encT`: it only sees D's address and the timing of forwards.
+//!
+//! Renewal (§6.5, "relay-link initiators follow the same rules"): at the link's `RenewDue`
+//! the link leaves its slot and a successor is opened while the old link keeps forwarding.
+//! Once the successor is up, the old `h_PD` stops taking new PFWDs (`NO_SESSION`: clients
+//! redo PRXY and get the successor's `h_PD`), the RFWDs already on the old link are answered,
+//! and then it says goodbye 0x00. If the successor cannot be opened, the old link carries on
+//! until D closes it at 24 h; the next PRXY opens a new one.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -301,7 +308,9 @@ async fn run_link(shared: Arc<RelayShared>, d_key: [u8; 32], host: String, port:
         cover: shared.config.cover.outgoing(),
         record_limit: None,
     };
-    OutDriver::new(shared, d_key, addr, cfg).run(carrier).await;
+    OutDriver::new(shared, d_key, addr, cfg, host, port)
+        .run(carrier)
+        .await;
 }
 
 /// The task state of one relay link this relay opened.
@@ -317,6 +326,13 @@ struct OutDriver {
     pending: BTreeMap<[u8; 24], (oneshot::Sender<ForwardResult>, Instant)>,
     last_rfwd: Instant,
     closing: bool,
+    /// D's address as PRXY named it, to open a successor at renewal.
+    host: String,
+    port: u16,
+    /// Renewal under way: the successor's outcome (`true` = up).
+    successor: Option<oneshot::Receiver<bool>>,
+    /// The successor is up: answer what is pending, then goodbye.
+    retiring: bool,
 }
 
 impl OutDriver {
@@ -325,9 +341,14 @@ impl OutDriver {
         d_key: [u8; 32],
         addr: SocketAddr,
         cfg: ConnectionConfig,
+        host: String,
+        port: u16,
     ) -> Self {
         let now = Instant::now();
-        let conn = Connection::new(cfg, now, &mut OsRng);
+        let mut conn = Connection::new(cfg, now, &mut OsRng);
+        if let Some(s) = shared.config.limits.relay_link_renew_after_secs {
+            conn = conn.with_renewal_from(Duration::from_secs(s));
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         Self {
             shared,
@@ -340,6 +361,10 @@ impl OutDriver {
             pending: BTreeMap::new(),
             last_rfwd: now,
             closing: false,
+            host,
+            port,
+            successor: None,
+            retiring: false,
         }
     }
 
@@ -382,6 +407,7 @@ impl OutDriver {
                         settle(&self.shared, self.d_key, Ok(link));
                     }
                     Event::Transmission(t) => self.answer(&t),
+                    Event::RenewDue => self.renew(),
                     Event::Closed(reason) => {
                         tracing::debug!(addr = %self.addr, ?reason, "relay link closed");
                         if !settled {
@@ -402,6 +428,14 @@ impl OutDriver {
             }
             let now = Instant::now();
             self.expire(now);
+            if self.retiring && !self.closing && self.pending.is_empty() {
+                // Make-before-break done: every RFWD of the old link is answered.
+                tracing::debug!(addr = %self.addr, "relay link renewed; closing the old one");
+                self.closing = true;
+                self.conn.close(now);
+                self.shared.counters.add(Counter::RelayLinksRenewed, 1);
+                continue;
+            }
             if !self.closing && self.link.is_some() && now >= self.last_rfwd + LINK_IDLE {
                 // 15 min without RFWD: goodbye 0x00 (§11); clients redo PRXY later.
                 self.closing = true;
@@ -424,6 +458,7 @@ impl OutDriver {
                     None => std::future::pending().await,
                 }
             };
+            let successor = self.successor.as_mut();
             tokio::select! {
                 () = self.shared.shutdown.cancelled(), if !self.closing => {
                     self.closing = true;
@@ -435,6 +470,21 @@ impl OutDriver {
                     Ok(None) | Err(_) => self.conn.handle_eof(Instant::now()),
                 },
                 Some(f) = self.rx.recv() => self.forward(f),
+                up = async move {
+                    match successor {
+                        Some(rx) => rx.await.unwrap_or(false),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.successor = None;
+                    if up {
+                        // New PFWDs go to the successor (clients redo PRXY on NO_SESSION).
+                        if let Some(l) = &self.link {
+                            l.alive.store(false, Ordering::Relaxed);
+                        }
+                        self.retiring = true;
+                    }
+                }
                 () = sleep => self.conn.handle_timeout(Instant::now()),
             }
         }
@@ -455,6 +505,29 @@ impl OutDriver {
         while let Ok(f) = self.rx.try_recv() {
             let _ = f.reply.send(Err(broker(BrokerError::Network(None))));
         }
+    }
+
+    /// `RenewDue`: leave the slot so the next PRXY waits for a successor, and open that
+    /// successor now; this link keeps forwarding until it is up.
+    fn renew(&mut self) {
+        let Some(link) = self.link.clone() else {
+            return;
+        };
+        if self.closing || self.retiring || self.successor.is_some() {
+            return;
+        }
+        tracing::debug!(addr = %self.addr, "relay link renewal: opening a successor");
+        forget(&self.shared, self.d_key, &link);
+        let (tx, rx) = oneshot::channel();
+        self.successor = Some(rx);
+        let (shared, d_key) = (self.shared.clone(), self.d_key);
+        let (host, port) = (self.host.clone(), self.port);
+        self.shared.tracker.spawn(async move {
+            let up = tokio::time::timeout(PROXY_TIMEOUT, link_to(&shared, d_key, host, port))
+                .await
+                .is_ok_and(|r| r.is_ok());
+            let _ = tx.send(up);
+        });
     }
 
     /// Later PFWDs naming this link's `h_PD` get NO_SESSION; a new PRXY opens a new link.

@@ -34,6 +34,7 @@ pub struct Counters {
     client_links: AtomicU64,
     relay_links_in: AtomicU64,
     relay_links_out: AtomicU64,
+    relay_links_renewed: AtomicU64,
     handshake_failures: AtomicU64,
     cover_sent: AtomicU64,
     real_sent: AtomicU64,
@@ -74,6 +75,9 @@ pub struct Snapshot {
     pub relay_links_in: u64,
     /// Relay links this relay opened as a proxy.
     pub relay_links_out: u64,
+    /// Relay links this relay opened that were replaced make-before-break at their renewal
+    /// time and closed with goodbye 0x00 (§6.5).
+    pub relay_links_renewed: u64,
     /// Accepted carriers whose handshake failed or timed out (silently, §5.7).
     pub handshake_failures: u64,
     /// Cover records sent on accepted links.
@@ -112,6 +116,8 @@ pub struct Snapshot {
 pub enum Counter {
     /// See [`Snapshot::relay_links_out`].
     RelayLinksOut,
+    /// See [`Snapshot::relay_links_renewed`].
+    RelayLinksRenewed,
     /// See [`Snapshot::handshake_failures`].
     HandshakeFailures,
     /// See [`Snapshot::cover_sent`].
@@ -139,6 +145,7 @@ impl Counters {
     pub fn add(&self, c: Counter, n: u64) {
         let a = match c {
             Counter::RelayLinksOut => &self.relay_links_out,
+            Counter::RelayLinksRenewed => &self.relay_links_renewed,
             Counter::HandshakeFailures => &self.handshake_failures,
             Counter::CoverSent => &self.cover_sent,
             Counter::RealSent => &self.real_sent,
@@ -205,6 +212,7 @@ impl Counters {
             client_links: get(&self.client_links),
             relay_links_in: get(&self.relay_links_in),
             relay_links_out: get(&self.relay_links_out),
+            relay_links_renewed: get(&self.relay_links_renewed),
             handshake_failures: get(&self.handshake_failures),
             cover_sent: get(&self.cover_sent),
             real_sent: get(&self.real_sent),

@@ -320,6 +320,129 @@ async fn two_hop_send_round_trip() {
     d.shutdown().await;
 }
 
+/// Relay-link renewal (§6.5, "relay-link initiators follow the same rules"), with P's
+/// renewal moved to 3 s: a successor link is up before the old one goes; the old `h_PD` then
+/// answers NO_SESSION (the client redoes PRXY), never a lost forward, and P says goodbye on
+/// the old link. Sends made across renewals all arrive, once.
+#[tokio::test]
+async fn relay_link_is_renewed_make_before_break() {
+    let d_secret = random_key();
+    let p_secret = random_key();
+    let mut d_cfg = test_config(d_secret);
+    d_cfg.allow_relays = vec![URL_SAFE.encode(public_of(&p_secret))];
+    let d = start(d_cfg).await;
+    let mut p_cfg = test_config(p_secret);
+    p_cfg.limits.relay_link_renew_after_secs = Some(3);
+    let p = start(p_cfg).await;
+
+    let mut a = Client::connect(&d, Via::Tcp).await;
+    let q = new_queue(&mut a, true).await;
+    let mut b = Client::connect(&p, Via::Tcp).await;
+    async fn prxy_d(b: &mut Client, d: &grp_relay::RelayHandle) -> ProxyKey {
+        let (_, r) = b.call(b"", &prxy(d), None).await;
+        ProxyKey::decode(&r).unwrap()
+    }
+    let first = prxy_d(&mut b, &d).await;
+    let snd_key = QueueAuthKey::Ed25519(Ed25519SecretKey::generate(&mut OsRng));
+    let skey = encode(&Command::SKey(snd_key.public_key().to_spki()));
+    let r = proxied(
+        &mut b,
+        &first,
+        d.public_key(),
+        &q.snd_id,
+        &skey,
+        Some(&snd_key),
+    )
+    .await;
+    assert_eq!(r, Ok(Response::Ok));
+
+    // The renewal: a second link from P to D, while the first still stands.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while p.snapshot().relay_links_out < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "no successor link");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(d.snapshot().relay_links_in >= 2);
+    let r = proxied(&mut b, &first, d.public_key(), &q.snd_id, b"SEND F x", None).await;
+    assert_eq!(
+        r,
+        Err(ErrorType::Proxy(ProxyError::NoSession)),
+        "the renewed link's h_PD must stop taking forwards"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while p.snapshot().relay_links_renewed < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the old link was not closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Sends across further renewals: NO_SESSION means PRXY again, nothing else may fail.
+    let mut pkey = prxy_d(&mut b, &d).await;
+    assert_ne!(pkey.session_id, first.session_id);
+    let mut no_session = 0;
+    for i in 0..8u8 {
+        let mut send = b"SEND F renewal ".to_vec();
+        send.push(b'0' + i);
+        loop {
+            let r = proxied(
+                &mut b,
+                &pkey,
+                d.public_key(),
+                &q.snd_id,
+                &send,
+                Some(&snd_key),
+            )
+            .await;
+            match r {
+                Ok(Response::Ok) => break,
+                Err(ErrorType::Proxy(ProxyError::NoSession)) => {
+                    no_session += 1;
+                    pkey = prxy_d(&mut b, &d).await;
+                }
+                other => panic!("send {i}: {other:?}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut got = Vec::new();
+    while got.len() < 8 {
+        let t = tokio::time::timeout(Duration::from_secs(10), a.next())
+            .await
+            .expect("MSG")
+            .expect("MSG pushed");
+        let (_, _, cmd) = decode(&t);
+        let Response::Msg { msg_id, body: enc } = response(&cmd) else {
+            continue;
+        };
+        let secret = q.dh.diffie_hellman(&q.srv_dh);
+        if let RcvMsgBody::Message { body, .. } = decrypt_msg_body(&secret, &msg_id, &enc).unwrap()
+        {
+            got.push(body);
+        }
+        let mut ack = b"ACK ".to_vec();
+        ack.push(24);
+        ack.extend_from_slice(&msg_id);
+        a.send_with([7; 24], &q.rcv_id, &ack, Some(&q.rcv_key));
+    }
+    let want: Vec<Vec<u8>> = (0..8u8)
+        .map(|i| {
+            let mut b = b"renewal ".to_vec();
+            b.push(b'0' + i);
+            b
+        })
+        .collect();
+    assert_eq!(got, want, "in order, once");
+    eprintln!(
+        "relay links out: {}, NO_SESSION re-PRXYs: {no_session}",
+        p.snapshot().relay_links_out
+    );
+    p.shutdown().await;
+    d.shutdown().await;
+}
+
 #[tokio::test]
 async fn relay_link_from_unlisted_key_is_refused_silently() {
     let d = start(test_config(random_key())).await;
