@@ -1158,7 +1158,8 @@ impl GrpRelay {
             .arg("--stats-file")
             .arg(self.stats_path());
         for k in &self.allow {
-            cmd.arg("--allow-relay").arg(k);
+            // `=`: a base64url key may start with '-', which would read as a flag.
+            cmd.arg(format!("--allow-relay={k}"));
         }
         cmd.env("RUST_LOG", "grp_relay=debug,info")
             .env_remove("GRP_RELAY_CONFIG")

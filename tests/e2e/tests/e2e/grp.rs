@@ -84,17 +84,25 @@ fn two_hop(carrier: &str, transport: &str) {
         "a duplicate arrived"
     );
 
-    // Status: the link to relay 1 (profile, carrier, counters) and the proxied route.
+    // Status: the link to relay 1 (profile, carrier, counters) and the proxied route. The
+    // daemon reports record counters at most every 250 ms: wait for the latest.
+    let link_of = |ups: &[serde_json::Value]| {
+        ups.iter()
+            .find(|u| {
+                let server = u["server"].as_str().unwrap();
+                server.starts_with(carrier)
+                    && server.contains(dest.key())
+                    && u["transport"] == transport
+            })
+            .cloned()
+            .unwrap_or_else(|| panic!("no {carrier} link to relay 1 in {ups:#?}"))
+    };
+    eventually("the link's record counters", || {
+        let g = &link_of(&upstreams(socket))["grp"];
+        g["real_sent"].as_u64().unwrap() >= 2 && g["real_received"].as_u64().unwrap() >= 2
+    });
     let ups = upstreams(socket);
-    let link = ups
-        .iter()
-        .find(|u| {
-            let server = u["server"].as_str().unwrap();
-            server.starts_with(carrier)
-                && server.contains(dest.key())
-                && u["transport"] == transport
-        })
-        .unwrap_or_else(|| panic!("no {carrier} link to relay 1 in {ups:#?}"));
+    let link = link_of(&ups);
     assert_eq!(link["profile"], "grp");
     assert_eq!(link["state"], "up");
     let g = &link["grp"];
