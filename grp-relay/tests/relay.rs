@@ -208,6 +208,20 @@ async fn command_rules_on_a_client_link() {
     relay.shutdown().await;
 }
 
+/// SKEY through the proxy session `pkey`: secures `q` with a new sender key, returned.
+async fn secure_via(
+    b: &mut Client,
+    pkey: &ProxyKey,
+    d: &grp_relay::RelayHandle,
+    q: &Queue,
+) -> QueueAuthKey {
+    let snd_key = QueueAuthKey::Ed25519(Ed25519SecretKey::generate(&mut OsRng));
+    let skey = encode(&Command::SKey(snd_key.public_key().to_spki()));
+    let r = proxied(b, pkey, d.public_key(), &q.snd_id, &skey, Some(&snd_key)).await;
+    assert_eq!(r, Ok(Response::Ok));
+    snd_key
+}
+
 #[tokio::test]
 async fn two_hop_send_round_trip() {
     let d_secret = random_key();
@@ -229,18 +243,7 @@ async fn two_hop_send_round_trip() {
     assert_eq!((pkey.min_version, pkey.max_version), (18, 18));
 
     // SKEY through P secures the queue; then a signed SEND.
-    let snd_key = QueueAuthKey::Ed25519(Ed25519SecretKey::generate(&mut OsRng));
-    let skey = encode(&Command::SKey(snd_key.public_key().to_spki()));
-    let r = proxied(
-        &mut b,
-        &pkey,
-        d.public_key(),
-        &q.snd_id,
-        &skey,
-        Some(&snd_key),
-    )
-    .await;
-    assert_eq!(r, Ok(Response::Ok));
+    let snd_key = secure_via(&mut b, &pkey, &d, &q).await;
     // An unsigned SEND to a secured queue is refused inside the box.
     let r = proxied(&mut b, &pkey, d.public_key(), &q.snd_id, b"SEND F x", None).await;
     assert_eq!(r, Ok(Response::Err(ErrorType::Auth)));
@@ -343,18 +346,7 @@ async fn relay_link_is_renewed_make_before_break() {
         ProxyKey::decode(&r).unwrap()
     }
     let first = prxy_d(&mut b, &d).await;
-    let snd_key = QueueAuthKey::Ed25519(Ed25519SecretKey::generate(&mut OsRng));
-    let skey = encode(&Command::SKey(snd_key.public_key().to_spki()));
-    let r = proxied(
-        &mut b,
-        &first,
-        d.public_key(),
-        &q.snd_id,
-        &skey,
-        Some(&snd_key),
-    )
-    .await;
-    assert_eq!(r, Ok(Response::Ok));
+    let snd_key = secure_via(&mut b, &first, &d, &q).await;
 
     // The renewal: a second link from P to D, while the first still stands.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
