@@ -626,19 +626,8 @@ impl Relay {
     /// Stops the relay with SIGTERM (its graceful path) and waits for it to exit, killing it
     /// after [`PATIENCE`].
     pub fn terminate(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + PATIENCE;
-        while child.try_wait().unwrap().is_none() {
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        if let Some(child) = self.child.take() {
+            terminate_child(child, PATIENCE);
         }
         self.stdout = None;
     }
@@ -712,6 +701,21 @@ impl Relay {
 impl Drop for Relay {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// SIGTERM to `child`, then waits for it to exit; SIGKILL after `patience`.
+fn terminate_child(mut child: Child, patience: Duration) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + patience;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -1100,19 +1104,8 @@ impl GrpRelay {
     /// Stops the relay with SIGTERM (goodbye 0x02 on every link) and waits for it to exit,
     /// so that its stats file is final.
     pub fn terminate(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + PATIENCE * 2;
-        while child.try_wait().unwrap().is_none() {
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        if let Some(child) = self.child.take() {
+            terminate_child(child, PATIENCE * 2);
         }
         self.stdout = None;
     }
