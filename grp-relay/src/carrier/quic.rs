@@ -7,10 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use quinn::crypto::rustls::QuicServerConfig;
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
 /// The ALPN protocol id.
 pub const ALPN: &[u8] = b"grp/1";
@@ -52,8 +50,9 @@ impl QuicCarrier {
         Some(Self::from_parts(conn, send, recv))
     }
 
-    /// Client side: connects to `addr` through `endpoint` and opens stream 0. The server's
-    /// certificate is not verified: GRP authenticates the relay with Noise, not TLS.
+    /// Client side: connects to `addr` through `endpoint` (from
+    /// `muxd_transport::grp::quic_client_endpoint`, which verifies no certificate: GRP
+    /// authenticates the relay with Noise, not TLS) and opens stream 0.
     pub async fn connect(endpoint: &quinn::Endpoint, addr: SocketAddr) -> io::Result<Self> {
         let conn = endpoint
             .connect(addr, "grp")
@@ -145,65 +144,4 @@ pub fn server_config() -> Result<quinn::ServerConfig, String> {
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport());
     Ok(cfg)
-}
-
-/// A client endpoint for GRP over QUIC: ALPN `grp/1`, no SNI, no resumption, and any server
-/// certificate accepted (§4.2).
-pub fn client_endpoint(bind: SocketAddr) -> io::Result<quinn::Endpoint> {
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(io::Error::other)?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCertificate))
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    tls.enable_sni = false;
-    tls.resumption = rustls::client::Resumption::disabled();
-    let crypto = QuicClientConfig::try_from(tls).map_err(io::Error::other)?;
-    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(transport());
-    let mut endpoint = quinn::Endpoint::client(bind)?;
-    endpoint.set_default_client_config(cfg);
-    Ok(endpoint)
-}
-
-/// Accepts every certificate: a certificate is not an identity in GRP (QUIC and `grp+wss`).
-#[derive(Debug)]
-pub(crate) struct AnyCertificate;
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }

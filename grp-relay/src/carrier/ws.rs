@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -195,24 +195,12 @@ impl WsCarrier {
     }
 
     /// Client side over TLS: connects to `wss://addr{path}` asking for `grp.1`, with SNI
-    /// `server_name` (when it is a DNS name) and any certificate accepted (§4.3).
+    /// `server_name` (when it is a DNS name) and any certificate accepted (§4.3): the daemon's
+    /// own TLS handshake for `grp+wss`.
     pub async fn connect_tls(addr: SocketAddr, server_name: &str, path: &str) -> io::Result<Self> {
         let stream = TcpStream::connect(addr).await?;
         let _ = stream.set_nodelay(true);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(io::Error::other)?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(super::quic::AnyCertificate))
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![ALPN.to_vec()];
-        tls.resumption = rustls::client::Resumption::disabled();
-        let name = ServerName::try_from(server_name.to_owned())
-            .unwrap_or_else(|_| ServerName::IpAddress(addr.ip().into()));
-        let stream = TlsConnector::from(Arc::new(tls))
-            .connect(name, stream)
-            .await?;
+        let stream = muxd_transport::grp::wss_handshake(stream, addr, server_name).await?;
         Self::client_upgrade(&format!("wss://{addr}{path}"), Box::new(stream)).await
     }
 

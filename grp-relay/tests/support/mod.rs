@@ -82,7 +82,7 @@ pub async fn open_carrier(relay: &RelayHandle, via: Via) -> (Carrier, SocketAddr
         }
         Via::Quic => {
             let ep =
-                grp_relay::carrier::quic::client_endpoint(SocketAddr::from(([127, 0, 0, 1], 0)))
+                muxd_transport::grp::quic_client_endpoint(SocketAddr::from(([127, 0, 0, 1], 0)))
                     .unwrap();
             let local = ep.local_addr().unwrap();
             let c = QuicCarrier::connect(&ep, a.quic.unwrap()).await.unwrap();

@@ -125,7 +125,7 @@ impl GrpCarrier {
                 } else {
                     SocketAddr::from(([0u16; 8], 0))
                 };
-                let endpoint = quic_endpoint(bind)?;
+                let endpoint = quic_client_endpoint(bind)?;
                 let conn = endpoint
                     .connect(addr, "grp")
                     .map_err(io::Error::other)?
@@ -267,10 +267,11 @@ fn authority(host: &str, port: u16, default_port: u16) -> String {
     }
 }
 
-/// The TLS handshake of `grp+wss`: ALPN `http/1.1`, SNI only for a DNS name, no session
-/// resumption (a ticket would let the TLS terminator link a client's connections), and any
-/// certificate (see the module docs).
-async fn wss_handshake(
+/// The TLS handshake of `grp+wss` over `stream` to `addr`, named `host`: ALPN `http/1.1`, SNI
+/// only for a DNS name, no session resumption (a ticket would let the TLS terminator link a
+/// client's connections), and any certificate (see the module docs). Also the reference
+/// relay's test client.
+pub async fn wss_handshake(
     stream: TcpStream,
     addr: SocketAddr,
     host: &str,
@@ -294,8 +295,9 @@ async fn wss_handshake(
         .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake failed: {e}")))
 }
 
-/// A client endpoint: ALPN `grp/1`, no SNI, no resumption or 0-RTT, any certificate (§4.2).
-fn quic_endpoint(bind: SocketAddr) -> io::Result<quinn::Endpoint> {
+/// A GRP client QUIC endpoint bound to `bind`: ALPN `grp/1`, no SNI, no resumption or 0-RTT,
+/// any certificate (§4.2). Also the reference relay's test client.
+pub fn quic_client_endpoint(bind: SocketAddr) -> io::Result<quinn::Endpoint> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
