@@ -10,7 +10,7 @@ use muxd_smp::block::BLOCK_SIZE;
 use muxd_smp::cert::KeyHash;
 use muxd_smp::command::{Command, NewQueue, QueueIds, QueueRequest, Response, SubscriptionMode};
 use muxd_smp::connection::{
-    CommandError, Connection, ConnectionError, CorrId, Event, ServerIdentity,
+    CommandError, Connection, ConnectionConfig, ConnectionError, CorrId, Event, ServerIdentity,
 };
 use muxd_smp::crypto::QueueAuthKey;
 use muxd_smp::e2e::E2E_CONFIRMATION_PAD;
@@ -66,6 +66,17 @@ const LAG_WATCH_MAX: Duration = Duration::from_secs(24 * 3600);
 /// The longest timeout handed to the profile's connection, which adds it to `Instant`s
 /// unchecked.
 const PROFILE_TIMEOUT_MAX: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The configuration handed to a profile connection: the pool's, with the profile's own
+/// keep-alive off (the pool runs it) and every timeout within [`PROFILE_TIMEOUT_MAX`].
+fn profile_config(base: &ConnectionConfig) -> ConnectionConfig {
+    let mut config = base.clone();
+    config.ping_interval = PROFILE_PING_OFF;
+    config.handshake_timeout = config.handshake_timeout.min(PROFILE_TIMEOUT_MAX);
+    config.command_timeout = config.command_timeout.min(PROFILE_TIMEOUT_MAX);
+    config.silence_limit = config.silence_limit.min(PROFILE_TIMEOUT_MAX);
+    config
+}
 
 /// A request the pool has accepted and not yet answered, and the budget it is charged to.
 #[derive(Debug)]
@@ -630,18 +641,8 @@ impl<M: Mailbox> Pool<M> {
             tls_leaf_key: transport.tls_leaf_key,
             tls_session_id: transport.tls_session_id,
         };
-        let mut config = self.config.connection.clone();
-        config.ping_interval = PROFILE_PING_OFF;
-        config.handshake_timeout = config.handshake_timeout.min(PROFILE_TIMEOUT_MAX);
-        config.command_timeout = config.command_timeout.min(PROFILE_TIMEOUT_MAX);
-        config.silence_limit = config.silence_limit.min(PROFILE_TIMEOUT_MAX);
-        s.conn = Some(Connection::new(now, config, identity, rng));
-        s.command_timeouts = 0;
-        s.connect_deadline = None;
-        s.last_received = now;
-        s.ping = None;
-        s.missed_pongs = 0;
-        s.probe = false;
+        let config = profile_config(&self.config.connection);
+        s.start_connection(now, Connection::new(now, config, identity, rng));
         self.set_state(now, server, ConnState::Handshaking);
         self.touched.insert(server.clone());
         self.drive_all(now, rng);

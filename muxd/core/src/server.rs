@@ -358,6 +358,17 @@ pub(crate) struct Server {
 }
 
 impl Server {
+    /// A new profile connection takes over: keep-alive and timeout bookkeeping start afresh.
+    pub(crate) fn start_connection(&mut self, now: Instant, conn: Connection) {
+        self.conn = Some(conn);
+        self.command_timeouts = 0;
+        self.connect_deadline = None;
+        self.last_received = now;
+        self.ping = None;
+        self.missed_pongs = 0;
+        self.probe = false;
+    }
+
     pub(crate) fn new(
         now: Instant,
         server: &SmpServer,

@@ -284,10 +284,7 @@ impl<M: Mailbox> Pool<M> {
         // The task renews again only after the previous old session closed, and that
         // waited for this retirement; an overlap means that session is gone.
         self.grp_abandon_retiring(server);
-        let mut config = self.config.connection.clone();
-        config.ping_interval = PROFILE_PING_OFF;
-        config.command_timeout = config.command_timeout.min(PROFILE_TIMEOUT_MAX);
-        config.silence_limit = config.silence_limit.min(PROFILE_TIMEOUT_MAX);
+        let config = profile_config(&self.config.connection);
         let Some(s) = self.servers.get_mut(server) else {
             return;
         };
@@ -499,26 +496,12 @@ impl<M: Mailbox> Pool<M> {
         session_id: Vec<u8>,
         auth_key: X25519PublicKey,
     ) {
-        let mut config = self.config.connection.clone();
-        config.ping_interval = PROFILE_PING_OFF;
-        config.command_timeout = config.command_timeout.min(PROFILE_TIMEOUT_MAX);
-        config.silence_limit = config.silence_limit.min(PROFILE_TIMEOUT_MAX);
+        let config = profile_config(&self.config.connection);
         let Some(s) = self.servers.get_mut(key) else {
             return;
         };
-        s.conn = Some(Connection::established(
-            now,
-            config,
-            version,
-            session_id,
-            Some(auth_key),
-        ));
-        s.command_timeouts = 0;
-        s.connect_deadline = None;
-        s.last_received = now;
-        s.ping = None;
-        s.missed_pongs = 0;
-        s.probe = false;
+        let conn = Connection::established(now, config, version, session_id, Some(auth_key));
+        s.start_connection(now, conn);
         self.set_state(now, key, ConnState::Handshaking);
         self.touched.insert(key.clone());
     }
